@@ -1,0 +1,180 @@
+"""The `abfleet` command. Each sub-command is a thin caller of the library.
+
+A command that fails says what went wrong in one line on stderr and exits non-zero;
+`--json` prints one JSON document on stdout and nothing else there (progress goes to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from abfleet.settings import VARIANTS, Settings
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _emit(args: argparse.Namespace, document: dict, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(document, indent=2, default=str, allow_nan=False))
+    else:
+        print(text)
+
+
+# ---- commands ---------------------------------------------------------------------
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from abfleet import router, stack
+
+    weight = router.parse_weights(args.weights) if args.weights else None
+    _say(f"starting the local fleet in {settings.run_dir}")
+    state = stack.up(settings, candidate_weight=weight, say=_say)
+    if state["aliases"] and state["aliases"].get("production") is None:
+        _say("note: no @production model yet: run `abfleet train --data CSV --alias production`")
+    print(_status_text(state))
+    return 0
+
+
+def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
+    from abfleet import stack
+
+    stopped = stack.down(settings, say=_say)
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from abfleet import stack
+
+    state = stack.status(settings)
+    _emit(args, state, _status_text(state))
+    return 0
+
+
+def _status_text(state: dict) -> str:
+    lines = [f"run directory: {state['run_dir']}"]
+    for name, proc in state["processes"].items():
+        health = "healthy" if proc["healthy"] else ("running" if proc["running"] else "stopped")
+        pid = f"pid {proc['pid']}" if proc["pid"] else ""
+        lines.append(f"  {name:<11} :{proc['port']:<6} {health:<8} {pid}")
+    aliases = state["aliases"]
+    if aliases is None:
+        lines.append("  registry unreachable: aliases unknown")
+    else:
+        lines.append("  aliases: " + ", ".join(f"@{k} → v{v}" if v else f"@{k} → none" for k, v in aliases.items()))
+    w = state["weights"]
+    lines.append(f"  weights: production {w['production']}% / candidate {w['candidate']}%")
+    lines.append("  " + "  ".join(f"{k}: {v}" for k, v in state["urls"].items()))
+    return "\n".join(lines)
+
+
+def cmd_data_synth(args: argparse.Namespace, settings: Settings) -> int:
+    from abfleet import data
+
+    frame = data.synth(args.rows, args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data.write_raw(frame, out)
+    print(f"wrote {len(frame)} synthetic rows (seed {args.seed}) to {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from abfleet import train
+
+    if not Path(args.data).exists():
+        raise FileNotFoundError(f"--data {args.data}: no such file")
+    # MLflow prints run links on stdout; keep stdout for our own output (--json).
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = train.train(settings, Path(args.data), alias=args.alias, seed=args.seed, progress=_say)
+    m = result["metrics"]
+    text = (f"registered {settings.model_name} version {result['version']}"
+            + (f" as @{args.alias}" if args.alias else "")
+            + f"\n  median APE {m['median_ape']:.1%}  MAPE {m['mape']:.1%}  MAE {m['mae']:.2f} lakhs  R² {m['r2']:.3f}")
+    _emit(args, result, text)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Run one model server under gunicorn (the container runs this same command)."""
+    from abfleet.settings import project_root
+
+    os.environ["VARIANT"] = args.variant
+    if args.port:
+        os.environ["ABFLEET_BIND"] = f"{settings.host}:{args.port}"
+    config = project_root() / "inference" / "backend" / "gunicorn.conf.py"
+    gunicorn = Path(sys.executable).parent / "gunicorn"
+    argv = [str(gunicorn), "-c", str(config)]
+    os.chdir(project_root())
+    os.execv(argv[0], argv)
+    return 0  # not reached
+
+
+# ---- parser -------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="abfleet",
+        description="An A/B-tested inference fleet: train, serve, split traffic, promote or roll back.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", help="start the local fleet (idempotent) and print its URLs")
+    p.add_argument("--weights", help="production/candidate split in percent, e.g. 80/20 (default: the last used, or 80/20)")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="stop only what `up` started")
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("status", help="processes, ports, versions per alias, weights")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("data", help="datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    s = data_sub.add_parser("synth", help="write seeded synthetic rows in the raw Kaggle schema")
+    s.add_argument("--rows", type=int, default=10000, help="number of rows (default 10000)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--out", required=True, help="CSV file to write")
+    s.set_defaults(func=cmd_data_synth)
+
+    p = sub.add_parser("train", help="train on a raw-schema CSV and register a version")
+    p.add_argument("--data", required=True, help="raw CSV (Kaggle 'Bengaluru House Data' schema)")
+    p.add_argument("--alias", choices=VARIANTS, help="point this alias at the new version")
+    p.add_argument("--seed", type=int, default=0, help="split and model seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("serve", help="run one model server under gunicorn")
+    p.add_argument("--variant", choices=VARIANTS, default=os.environ.get("VARIANT", "production"))
+    p.add_argument("--port", type=int, help="listen port (default: the variant's port from settings)")
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        return args.func(args, settings)
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    except Exception as exc:  # one line, no traceback: the message says what to do
+        if os.environ.get("ABFLEET_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _say(f"abfleet {args.command}: {message}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""`make demo`: the main job on the local stack, from nothing to a serving A/B fleet.
+
+Synthetic data → production and candidate models → `abfleet up` → a few hundred requests
+through the router → the URLs and the split it observed. On an interactive terminal the
+stack keeps running; otherwise (CI) it is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import sys
+import time
+import uuid
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from abfleet import data, registry, stack, train
+from abfleet.settings import Settings
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def ensure_models(settings: Settings) -> dict[str, str]:
+    """Train production and candidate on synthetic rows unless the registry has them."""
+    folder = settings.run_dir / "datasets"
+    folder.mkdir(parents=True, exist_ok=True)
+    versions = registry.aliases(settings)
+    for alias, seed in (("production", 1), ("candidate", 2)):
+        if versions.get(alias):
+            say(f"@{alias} is version {versions[alias]} already: not retraining")
+            continue
+        csv = folder / f"synth-{alias}-seed{seed}.csv"
+        data.write_raw(data.synth(10_000, seed=seed), csv)
+        say(f"training @{alias} on {csv.name}")
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            result = train.train(settings, csv, alias=alias, seed=seed, progress=lambda m: say(f"  {m}"))
+        versions[alias] = result["version"]
+        say(f"  median APE {result['metrics']['median_ape']:.1%} → version {result['version']} @{alias}")
+    return versions
+
+
+def wait_serving(settings: Settings, versions: dict[str, str], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    for variant in ("production", "candidate"):
+        url = f"http://{settings.host}:{settings.port_of(variant)}/api/health"
+        while True:
+            try:
+                if requests.get(url, timeout=3).json().get("model_version") == versions[variant]:
+                    break
+            except (requests.RequestException, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{variant} did not load version {versions[variant]} in {timeout:.0f}s")
+            time.sleep(0.5)
+
+
+def drive_traffic(settings: Settings, requests_count: int = 300) -> collections.Counter:
+    """Distinct users ask for estimates through the router; every tenth one rates it."""
+    router = f"http://{settings.host}:{settings.router_port}"
+    flats = data.clean(data.synth(requests_count, seed=99)).frame.to_dict("records")
+
+    def ask(i: int) -> tuple[str, int]:
+        flat = flats[i % len(flats)]
+        body = {k: flat[k] for k in data.FEATURES}
+        r = requests.post(f"{router}/api/predict_home_price", json=body, headers={"X-User-Id": f"demo-{uuid.uuid4().hex[:12]}"}, timeout=10)
+        if r.status_code == 200 and i % 10 == 0:
+            stars = 5 if abs(r.json()["estimated_price"] - flat["price"]) / flat["price"] < 0.2 else 3
+            requests.post(f"{router}/api/feedback", json={"prediction_id": r.json()["prediction_id"], "feedback_type": "rating", "feedback_value": stars}, timeout=10)
+        return r.headers.get("X-Variant", "none"), r.status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(requests_count)))
+    return collections.Counter(f"{variant} {code}" for variant, code in answers)
+
+
+def main() -> int:
+    settings = Settings.from_env()
+    say(f"abfleet demo — run directory {settings.run_dir}")
+    say("starting the local stack (MLflow, two model servers, nginx, Prometheus)")
+    stack.up(settings, say=say)
+    versions = ensure_models(settings)
+    say("waiting for both servers to load their models")
+    wait_serving(settings, versions)
+    say("sending 300 requests from distinct users through the router")
+    counts = drive_traffic(settings)
+    ok = {k.split()[0]: v for k, v in counts.items() if k.endswith(" 200")}
+    total = sum(counts.values())
+    failed = total - sum(ok.values())
+    say(f"observed split: production {ok.get('production', 0)} ({ok.get('production', 0) / total:.0%}), "
+        f"candidate {ok.get('candidate', 0)} ({ok.get('candidate', 0) / total:.0%}); failed {failed}")
+    state = stack.status(settings)
+    say(f"versions: production v{versions['production']}, candidate v{versions['candidate']}")
+    for name, url in state["urls"].items():
+        say(f"  {name:<10} {url}")
+    interactive = sys.stdin.isatty() and not os.environ.get("CI")
+    if interactive:
+        say("the fleet keeps running: open the router URL; stop it with `make down` (or `.venv/bin/abfleet down`)")
+    else:
+        say("non-interactive run: stopping the stack")
+        stack.down(settings, say=say)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

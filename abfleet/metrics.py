@@ -1,0 +1,73 @@
+"""Metric names, defined once: the servers export them, the evaluation queries them,
+and the alert rules and dashboards use the same names (tests check they agree).
+
+Importing this module creates no collector; `ServerMetrics` does, in the server process,
+after `PROMETHEUS_MULTIPROC_DIR` is set (gunicorn's config does that before import).
+"""
+
+from __future__ import annotations
+
+REQUESTS = "abfleet_requests_total"  # labels: variant, model_version, endpoint, status
+LATENCY = "abfleet_request_latency_seconds"  # histogram; labels: variant, endpoint
+RATINGS = "abfleet_ratings_total"  # labels: variant, model_version, stars
+QUICK_FEEDBACK = "abfleet_quick_feedback_total"  # labels: variant, model_version, kind
+APE_COUNT = "abfleet_ape_observations_total"  # labels: variant, model_version
+APE_SUM = "abfleet_ape_sum_total"
+APE_SUM_SQ = "abfleet_ape_sum_squares_total"
+MODEL_INFO = "abfleet_model_info"  # gauge 1; labels: variant, model_version, alias, fallback
+MODEL_SWAPS = "abfleet_model_swaps_total"  # labels: variant
+
+# Drift and decision gauges are written by the pipeline side, not by the model servers.
+DRIFT_SHARE = "abfleet_drift_share_drifted"
+DRIFT_DETECTED = "abfleet_drift_detected"
+DRIFT_COLUMN_SCORE = "abfleet_drift_column_score"
+LAST_EVALUATION = "abfleet_last_evaluation_timestamp_seconds"
+
+# Whole-request latency buckets: fine where the hot path lives, coarse in the tail.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def _strip_total(name: str) -> str:
+    # prometheus_client appends `_total` to counters itself.
+    return name[: -len("_total")] if name.endswith("_total") else name
+
+
+class ServerMetrics:
+    """The collectors a model server updates; one instance per process."""
+
+    def __init__(self, registry=None):
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+        registry = registry or REGISTRY
+        self.registry = registry
+        self.requests = Counter(
+            _strip_total(REQUESTS), "HTTP requests answered", ["variant", "model_version", "endpoint", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            LATENCY, "Whole-request latency", ["variant", "endpoint"], buckets=LATENCY_BUCKETS, registry=registry
+        )
+        self.ratings = Counter(
+            _strip_total(RATINGS), "Star ratings by stars", ["variant", "model_version", "stars"], registry=registry
+        )
+        self.quick = Counter(
+            _strip_total(QUICK_FEEDBACK), "Quick feedback by kind", ["variant", "model_version", "kind"],
+            registry=registry,
+        )
+        self.ape_count = Counter(
+            _strip_total(APE_COUNT), "Reported actual prices", ["variant", "model_version"], registry=registry
+        )
+        self.ape_sum = Counter(
+            _strip_total(APE_SUM), "Sum of absolute percentage errors", ["variant", "model_version"],
+            registry=registry,
+        )
+        self.ape_sum_sq = Counter(
+            _strip_total(APE_SUM_SQ), "Sum of squared absolute percentage errors", ["variant", "model_version"],
+            registry=registry,
+        )
+        # 'liveall': one series per live worker; dead workers' values disappear.
+        self.model_info = Gauge(
+            MODEL_INFO, "The model a server holds", ["variant", "model_version", "alias", "fallback"],
+            multiprocess_mode="liveall", registry=registry,
+        )
+        self.swaps = Counter(_strip_total(MODEL_SWAPS), "In-memory model swaps", ["variant"], registry=registry)

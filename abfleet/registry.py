@@ -1,0 +1,84 @@
+"""The model registry: MLflow's registered model and its `production` / `candidate` aliases.
+
+Versions are never deleted here: promotion and rollback only move aliases and tag versions.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from abfleet.settings import VARIANTS, Settings
+
+
+class RegistryError(RuntimeError):
+    """The registry could not be reached or does not hold what was asked for."""
+
+
+@functools.lru_cache(maxsize=8)
+def _client(tracking_uri: str):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def client(settings: Settings):
+    """An MLflow client for the configured tracking server (also set as mlflow's default)."""
+    import mlflow
+
+    # Artifact up/downloads go through the tracking server (proxied), so clients need
+    # no object-store credentials; quick retries keep a dead server from hanging a command.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    return _client(settings.tracking_uri)
+
+
+def version_for(settings: Settings, alias: str) -> str | None:
+    """The version an alias points at, or None when the alias (or the model) is not set."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client(settings).get_model_version_by_alias(settings.model_name, alias).version)
+    except MlflowException as exc:
+        if _is_missing(exc):
+            return None
+        raise RegistryError(f"registry at {settings.tracking_uri}: {exc.message}") from None
+
+
+def aliases(settings: Settings) -> dict[str, str | None]:
+    """Alias → version for both variants."""
+    return {alias: version_for(settings, alias) for alias in VARIANTS}
+
+
+def set_alias(settings: Settings, alias: str, version: str) -> None:
+    client(settings).set_registered_model_alias(settings.model_name, alias, str(version))
+
+
+def delete_alias(settings: Settings, alias: str) -> None:
+    client(settings).delete_registered_model_alias(settings.model_name, alias)
+
+
+def tag_version(settings: Settings, version: str, tags: dict[str, str]) -> None:
+    c = client(settings)
+    for key, value in tags.items():
+        c.set_model_version_tag(settings.model_name, str(version), key, str(value))
+
+
+def version_info(settings: Settings, version: str):
+    return client(settings).get_model_version(settings.model_name, str(version))
+
+
+def load_model(settings: Settings, version: str):
+    """The fitted scikit-learn model of a registered version."""
+    import mlflow.sklearn
+
+    client(settings)
+    return mlflow.sklearn.load_model(f"models:/{settings.model_name}/{version}")
+
+
+def _is_missing(exc) -> bool:
+    code = getattr(exc, "error_code", "")
+    return code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") or "not found" in str(exc).lower()

@@ -1,0 +1,67 @@
+"""The nginx router's configuration, rendered from `router/nginx.conf.j2`."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from abfleet.settings import Settings, project_root
+
+COOKIE = "abfleet_uid"
+
+
+def parse_weights(text: str) -> int:
+    """'80/20' (production/candidate) → candidate percent 20."""
+    match = re.fullmatch(r"\s*(\d{1,3})\s*/\s*(\d{1,3})\s*", text)
+    if not match or int(match[1]) + int(match[2]) != 100:
+        raise ValueError(f"--weights must look like 80/20 (production/candidate, adding up to 100), got {text!r}")
+    return int(match[2])
+
+
+def render(settings: Settings, *, candidate_weight: int | None = None, access_log: bool = True,
+           production_servers: list[str] | None = None, candidate_servers: list[str] | None = None) -> str:
+    """The nginx.conf text for these settings."""
+    import jinja2
+
+    template = (project_root() / "router" / "nginx.conf.j2").read_text()
+    run_dir = settings.run_dir
+    return jinja2.Template(template, undefined=jinja2.StrictUndefined, keep_trailing_newline=True).render(
+        run_as_root=hasattr(os, "geteuid") and os.geteuid() == 0,
+        worker_processes=1,
+        run_dir=run_dir,
+        log_dir=run_dir / "logs",
+        access_log=access_log,
+        max_body_bytes=settings.max_body_bytes,
+        cookie=COOKIE,
+        candidate_weight=settings.candidate_weight if candidate_weight is None else candidate_weight,
+        production_servers=production_servers or [f"{settings.host}:{settings.production_port}"],
+        candidate_servers=candidate_servers or [f"{settings.host}:{settings.candidate_port}"],
+        listen=f"{settings.host}:{settings.router_port}",
+        frontend_dir=project_root() / "inference" / "frontend",
+    )
+
+
+def write_config(settings: Settings, **kwargs) -> Path:
+    """Render into the run directory and create the folders nginx writes to."""
+    run_dir = settings.run_dir
+    for sub in ("logs", "nginx/body", "nginx/proxy", "nginx/fastcgi", "nginx/uwsgi", "nginx/scgi"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    path = run_dir / "nginx.conf"
+    path.write_text(render(settings, **kwargs))
+    return path
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
+
+
+def nginx_command(settings: Settings, config: Path) -> list[str]:
+    binary = nginx_binary()
+    if binary is None:
+        raise FileNotFoundError("nginx is not installed: run `sudo apt-get install -y nginx` (or `make install-system`)")
+    return [binary, "-p", str(settings.run_dir), "-c", str(config), "-e", str(settings.run_dir / "logs" / "nginx-error.log"),
+            "-g", "daemon off;"]

@@ -1,0 +1,159 @@
+"""The one home of configuration: a typed settings object read from the environment.
+
+Every default is the local stack's value, so `Settings()` with an empty environment
+describes the fleet that `abfleet up` starts on loopback. Each field is read from
+`ABFLEET_<FIELD>` (upper case), except the few that follow a wider convention
+(`DATABASE_URL`, `MLFLOW_TRACKING_URI`, `VARIANT`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+VARIANTS = ("production", "candidate")
+
+
+def _default_run_dir() -> Path:
+    # In a checkout the run directory sits beside the code (and is git-ignored);
+    # an installed package keeps its state in the user's home.
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").exists():
+        return root / ".run"
+    return Path.home() / ".abfleet"
+
+
+def project_root() -> Path:
+    """The folder holding `router/`, `monitoring/`, `dags/` and `inference/`."""
+    return Path(__file__).resolve().parents[1]
+
+
+# Environment names that do not follow the ABFLEET_ prefix.
+_ALIASES = {
+    "database_url": "DATABASE_URL",
+    "mlflow_tracking_uri": "MLFLOW_TRACKING_URI",
+    "variant": "VARIANT",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    run_dir: Path = field(default_factory=_default_run_dir)
+    model_name: str = "bengaluru-home-price"
+    variant: str = "production"
+
+    host: str = "127.0.0.1"
+    router_port: int = 7000
+    production_port: int = 6001
+    candidate_port: int = 6002
+    mlflow_port: int = 5000
+    prometheus_port: int = 9090
+    airflow_port: int = 8080
+
+    # Candidate share of users, in percent; production gets the rest.
+    candidate_weight: int = 20
+
+    # Empty means "the local stack's default", filled in by the properties below.
+    database_url: str = ""
+    mlflow_tracking_uri: str = ""
+    # Object store: a local directory unless a bucket is named.
+    s3_bucket: str = ""
+    s3_endpoint_url: str = ""
+    s3_prefix: str = "abfleet"
+
+    workers: int = 2
+    # How often a server re-reads its registry alias (seconds).
+    reload_interval: float = 15.0
+    # Shared secret for POST /api/admin/reload; empty disables the endpoint.
+    admin_token: str = ""
+    max_body_bytes: int = 64 * 1024
+
+    # ---- derived locations -------------------------------------------------
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.run_dir / 'store.db'}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def artifact_destination(self) -> str:
+        """Where the MLflow server keeps artifacts: S3 when a bucket is set."""
+        if self.s3_bucket:
+            return f"s3://{self.s3_bucket}/{self.s3_prefix}/mlflow"
+        return (self.run_dir / "objects" / "mlflow").as_uri()
+
+    @property
+    def weights(self) -> dict[str, float]:
+        c = self.candidate_weight / 100.0
+        return {"production": round(1.0 - c, 4), "candidate": round(c, 4)}
+
+    def port_of(self, variant: str) -> int:
+        return self.production_port if variant == "production" else self.candidate_port
+
+    def alias_of(self, variant: str) -> str:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        return variant
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Settings from `environ` (default: os.environ), then explicit overrides."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            name = _ALIASES.get(f.name, f"ABFLEET_{f.name.upper()}")
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(f, raw, name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"VARIANT must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if not 0 <= self.candidate_weight <= 100:
+            raise ValueError(f"ABFLEET_CANDIDATE_WEIGHT must be 0..100, got {self.candidate_weight}")
+
+    def env(self) -> dict[str, str]:
+        """These settings as environment variables, for child processes."""
+        out = {}
+        for f in dataclasses.fields(self):
+            name = _ALIASES.get(f.name, f"ABFLEET_{f.name.upper()}")
+            value = getattr(self, f.name)
+            if value != "":
+                out[name] = str(value)
+        out["DATABASE_URL"] = self.db_url
+        out["MLFLOW_TRACKING_URI"] = self.tracking_uri
+        if self.s3_endpoint_url:
+            out["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint_url
+        return out
+
+
+def _convert(f: dataclasses.Field, raw: str, name: str) -> object:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw).expanduser().resolve()
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {kind}") from None
+    return raw
+
+
+def load() -> Settings:
+    """The settings of this process."""
+    return Settings.from_env()

@@ -1,0 +1,203 @@
+"""The model server: a Flask app factory. gunicorn runs `create_app()` in each worker."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+import uuid
+
+from flask import Flask, Response, g, jsonify, request
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from abfleet.metrics import ServerMetrics
+from abfleet.serving import ModelHolder
+from abfleet.settings import Settings
+from abfleet.store import Duplicate, NotFound, Store
+from inference.backend.schemas import FeedbackRequest, PredictRequest, describe
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, holder: ModelHolder | None = None, store: Store | None = None) -> Flask:
+    """Build a model server. Defaults come from the environment; tests pass their own parts."""
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+
+    from prometheus_client import CollectorRegistry
+
+    metrics = ServerMetrics(CollectorRegistry())
+    store = store or Store(settings.db_url)
+    store.init_schema()
+
+    def on_swap(old, new) -> None:
+        if old is not None:
+            metrics.model_info.remove(settings.variant, old.version, old.alias, str(old.fallback).lower())
+            metrics.swaps.labels(settings.variant).inc()
+        metrics.model_info.labels(settings.variant, new.version, new.alias, str(new.fallback).lower()).set(1)
+
+    if holder is None:
+        holder = ModelHolder(settings, on_swap=on_swap)
+        holder.refresh()
+        holder.start_watcher()
+    elif holder.current is not None:
+        on_swap(None, holder.current)
+
+    app.extensions["abfleet"] = {"settings": settings, "holder": holder, "store": store, "metrics": metrics}
+    variant = settings.variant
+
+    def version_header() -> str:
+        held = holder.current
+        if held is None:
+            return "none"
+        return f"{held.version} (fallback: production)" if held.fallback else held.version
+
+    @app.before_request
+    def _start_clock() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _label_and_count(response: Response) -> Response:
+        response.headers["X-Variant"] = variant
+        response.headers["X-Model-Version"] = version_header()
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        if endpoint != "/metrics":
+            held = holder.current
+            version = g.get("model_version") or (held.version if held else "none")
+            metrics.requests.labels(variant, version, endpoint, str(response.status_code)).inc()
+            metrics.latency.labels(variant, endpoint).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+        return response
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        messages = {413: f"request body too large: at most {settings.max_body_bytes} bytes"}
+        return jsonify(error=messages.get(exc.code, exc.description), field=None), exc.code
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unexpected error")
+        return jsonify(error=f"internal error: {type(exc).__name__}", field=None), 500
+
+    def payload() -> dict | None:
+        if request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            return request.form.to_dict()
+        data = request.get_json(silent=True)
+        return data if isinstance(data, dict) else None
+
+    def refuse(message: str, field: str | None, status: int = 422):
+        return jsonify(error=message, field=field), status
+
+    @app.post("/api/predict_home_price")
+    def predict_home_price():
+        body = payload()
+        if body is None:
+            return refuse("body: send a JSON object (or form fields) with location, total_sqft, bhk, bath", "body", 400)
+        try:
+            req = PredictRequest.model_validate(body)
+        except ValidationError as exc:
+            return refuse(*describe(exc))
+        held = holder.current
+        if held is None:
+            return refuse(f"no model loaded yet: {holder.last_error or 'loading'}", None, 503)
+        if not held.predictor.knows(req.location):
+            return refuse(f"location: unknown location {req.location!r}; see /api/get_location_names", "location")
+        t0 = time.perf_counter()
+        price = held.predictor.predict_one(req.location, req.total_sqft, req.bhk, req.bath)
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        g.model_version = held.version
+        prediction_id = uuid.uuid4().hex
+        row = {
+            "id": prediction_id, "variant": variant, "model_version": held.version,
+            "location": req.location, "total_sqft": req.total_sqft, "bhk": req.bhk, "bath": req.bath,
+            "estimated_price": round(price, 2), "latency_ms": latency_ms,
+            "user_id": request.headers.get("X-User-Id", "")[:128] or None,
+        }
+        try:
+            store.record_prediction(row)
+        except Exception as exc:  # an answer we could not store is not given: nothing is lost silently
+            log.error("prediction not stored: %s", exc)
+            return refuse("store unavailable: the prediction could not be recorded, try again", None, 503)
+        return jsonify(
+            estimated_price=row["estimated_price"], prediction_id=prediction_id, model_version=held.version,
+            unit="lakh INR", location=req.location, total_sqft=req.total_sqft, bhk=req.bhk, bath=req.bath,
+        )
+
+    @app.get("/api/get_location_names")
+    def get_location_names():
+        held = holder.current
+        if held is None:
+            return refuse(f"no model loaded yet: {holder.last_error or 'loading'}", None, 503)
+        return jsonify(locations=held.predictor.locations)
+
+    @app.post("/api/feedback")
+    def record_feedback():
+        body = payload()
+        if body is None:
+            return refuse("body: send a JSON object with prediction_id, feedback_type, feedback_value", "body", 400)
+        try:
+            req = FeedbackRequest.model_validate(body)
+        except ValidationError as exc:
+            return refuse(*describe(exc))
+        try:
+            row = store.record_feedback(req.prediction_id, req.feedback_type, req.feedback_value, received_by=variant)
+        except NotFound:
+            return refuse(f"prediction_id: no prediction {req.prediction_id!r}", "prediction_id", 404)
+        except Duplicate as exc:
+            return refuse(f"feedback_type: {exc}", "feedback_type", 409)
+        v, mv = row["variant"], row["model_version"]
+        if row["kind"] == "rating":
+            metrics.ratings.labels(v, mv, str(int(req.feedback_value))).inc()
+        elif row["kind"] == "quick":
+            metrics.quick.labels(v, mv, req.feedback_type).inc()
+        else:
+            metrics.ape_count.labels(v, mv).inc()
+            metrics.ape_sum.labels(v, mv).inc(row["ape"])
+            metrics.ape_sum_sq.labels(v, mv).inc(row["ape"] ** 2)
+        return jsonify(status="recorded", prediction_id=req.prediction_id, feedback_type=req.feedback_type,
+                       variant=v, model_version=mv, ape=row["ape"]), 201
+
+    @app.get("/api/health")
+    def health():
+        held = holder.current
+        store_ok = store.ping()
+        body = {
+            "status": "ok" if held and store_ok else "unavailable",
+            "variant": variant,
+            "model_loaded": held is not None,
+            "model_version": held.version if held else None,
+            "serving_alias": held.alias if held else None,
+            "fallback": bool(held and held.fallback),
+            "store_reachable": store_ok,
+            "last_error": holder.last_error,
+        }
+        if held and held.fallback:
+            body["note"] = "no candidate in the registry: serving the production model"
+        return jsonify(body), 200 if body["status"] == "ok" else 503
+
+    @app.post("/api/admin/reload")
+    def reload_model():
+        token = settings.admin_token
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if not token or not hmac.compare_digest(given.encode(), token.encode()):
+            return refuse("authorization: a valid admin token is required", "authorization", 401)
+        holder.wake()
+        swapped = holder.refresh()
+        return jsonify(swapped=swapped, model_version=version_header())
+
+    @app.get("/metrics")
+    def metrics_endpoint():
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        from prometheus_client import multiprocess
+
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            registry = metrics.registry
+        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,115 @@
+"""Shared fixtures. `fleet` is a real local stack (MLflow, two gunicorn servers, nginx,
+Prometheus) on free loopback ports in a temporary run directory, with a production and a
+candidate model trained on synthetic rows."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from abfleet import data
+from abfleet.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUT_DIR = ROOT / "test-output"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def fleet_settings(run_dir: Path, **overrides) -> Settings:
+    ports = {name: free_port() for name in
+             ("router_port", "production_port", "candidate_port", "mlflow_port", "prometheus_port", "airflow_port")}
+    return Settings(run_dir=run_dir, reload_interval=2.0, admin_token="test-token", **{**ports, **overrides})
+
+
+@pytest.fixture(scope="session")
+def synth_csv(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "synth.csv"
+    data.write_raw(data.synth(6000, seed=1), path)
+    return path
+
+
+@dataclass
+class Fleet:
+    settings: Settings
+    store: object
+    output_dir: Path
+    versions: dict
+
+    @property
+    def router_url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.router_port}"
+
+    def server_url(self, variant: str) -> str:
+        return f"http://{self.settings.host}:{self.settings.port_of(variant)}"
+
+    def metrics_text(self, variant: str) -> str:
+        return requests.get(f"{self.server_url(variant)}/metrics", timeout=5).text
+
+    def serving(self, variant: str) -> str | None:
+        try:
+            return requests.get(f"{self.server_url(variant)}/api/health", timeout=5).json().get("model_version")
+        except requests.RequestException:
+            return None
+
+
+@pytest.fixture(scope="session")
+def fleet(tmp_path_factory, synth_csv) -> Fleet:
+    """The local stack, started once for the session and stopped at its end."""
+    from abfleet import stack, train
+    from abfleet.store import Store
+
+    settings = fleet_settings(tmp_path_factory.mktemp("fleet") / "run")
+    stack.up(settings, say=lambda _m: None)
+    try:
+        prod = train.train(settings, synth_csv, alias="production", seed=0)
+        cand_csv = synth_csv.parent / "synth-candidate.csv"
+        data.write_raw(data.synth(6000, seed=2), cand_csv)
+        cand = train.train(settings, cand_csv, alias="candidate", seed=1)
+        f = Fleet(settings, Store(settings.db_url), OUTPUT_DIR, {"production": prod["version"], "candidate": cand["version"]})
+        OUTPUT_DIR.mkdir(exist_ok=True)
+        for variant in ("production", "candidate"):
+            wait_for(lambda: f.serving(variant) == f.versions[variant], 60, what=f"{variant} to serve its model")
+        yield f
+    finally:
+        stack.down(settings, say=lambda _m: None)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh PostgreSQL database for the session (dropped afterwards); skips loudly when none answers."""
+    import sqlalchemy as sa
+
+    base = os.environ.get("ABFLEET_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+    name = f"abfleet_test_{os.getpid()}"
+    try:
+        admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
+            conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    except sa.exc.OperationalError as exc:
+        pytest.skip(f"PostgreSQL NOT reachable at {base}: {exc.orig}")
+    url = base.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

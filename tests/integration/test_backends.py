@@ -1,0 +1,118 @@
+"""The same fleet parts on the other back ends: PostgreSQL for the store, S3 for artifacts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import fleet_settings, free_port, wait_for
+
+pytestmark = pytest.mark.slow
+FLAT = {"location": "Indira Nagar", "total_sqft": 1200, "bhk": 2, "bath": 2}
+
+
+def _start_server(settings, tmp_path: Path, variant: str = "production") -> subprocess.Popen:
+    env = {**os.environ, **settings.env(), "VARIANT": variant, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{variant}")}
+    log = (tmp_path / f"{variant}.log").open("wb")
+    abfleet = str(Path(sys.executable).parent / "abfleet")
+    return subprocess.Popen([abfleet, "serve", "--variant", variant], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    from abfleet import stack
+
+    stack._stop(proc.pid)
+    proc.wait(timeout=30)
+
+
+def test_every_answered_prediction_is_stored_in_postgresql(fleet, postgres_url, tmp_path):
+    from abfleet.store import Store
+
+    port = free_port()
+    settings = fleet.settings.replace(database_url=postgres_url, production_port=port)
+    proc = _start_server(settings, tmp_path)
+    try:
+        url = f"http://{settings.host}:{port}"
+        wait_for(lambda: _health(url).get("model_version") == fleet.versions["production"], 60, what="server on PostgreSQL")
+
+        def ask(i):
+            r = requests.post(f"{url}/api/predict_home_price", json={**FLAT, "bhk": 1 + i % 4}, headers={"X-User-Id": f"pg-{i}"}, timeout=20)
+            return r.status_code, r.json()
+        answers = [body for code, body in ThreadPoolExecutor(16).map(ask, range(300)) if code == 200]
+        assert len(answers) == 300
+        store = Store(postgres_url)
+        assert store.engine.dialect.name == "postgresql"
+        assert store.count_predictions() == len(answers)
+        for body in answers:
+            row = store.get_prediction(body["prediction_id"])
+            assert row["variant"] == "production" and row["model_version"] == body["model_version"]
+        store.engine.dispose()
+    finally:
+        _stop(proc)
+
+
+def _health(url: str) -> dict:
+    try:
+        return requests.get(f"{url}/api/health", timeout=3).json()
+    except (requests.RequestException, ValueError):
+        return {}
+
+
+@pytest.fixture
+def moto_s3(tmp_path, monkeypatch):
+    """moto's S3 server on a free loopback port, with a versioned bucket."""
+    import boto3
+
+    port = free_port()
+    moto = str(Path(sys.executable).parent / "moto_server")
+    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=(tmp_path / "moto.log").open("wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(key, value)
+    wait_for(lambda: _answers(endpoint), 30, what="moto server")
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    bucket = f"abfleet-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    yield s3, bucket, endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        requests.get(url, timeout=1)
+        return True
+    except requests.RequestException:
+        return False
+
+
+def test_train_register_and_serve_from_s3(moto_s3, synth_csv, tmp_path):
+    from abfleet import stack, train
+
+    s3, bucket, endpoint = moto_s3
+    settings = fleet_settings(tmp_path / "run", s3_bucket=bucket, s3_endpoint_url=endpoint)
+    assert settings.artifact_destination.startswith(f"s3://{bucket}/")
+    try:
+        stack.up(settings, only=("mlflow", "production"), say=lambda _m: None)
+        result = train.train(settings, synth_csv, alias="production")
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page.get("Contents", [])]
+        assert any(k.endswith("MLmodel") for k in keys), keys
+        assert any(k.endswith("data/train.csv") for k in keys), keys
+        assert not list((settings.run_dir / "objects").rglob("MLmodel")), "artifacts went to the local folder, not S3"
+        assert s3.get_bucket_versioning(Bucket=bucket)["Status"] == "Enabled"
+        url = f"http://{settings.host}:{settings.production_port}"
+        wait_for(lambda: _health(url).get("model_version") == result["version"], 60, what="server loading from S3")
+        r = requests.post(f"{url}/api/predict_home_price", json=FLAT, timeout=10)
+        assert r.status_code == 200 and r.json()["model_version"] == result["version"]
+    finally:
+        stack.down(settings, say=lambda _m: None)

@@ -1,0 +1,66 @@
+"""Settings from the environment, and the router config nginx itself accepts."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from abfleet import router
+from abfleet.settings import Settings
+
+
+def test_defaults_are_the_local_stack():
+    s = Settings.from_env({})
+    assert (s.router_port, s.production_port, s.candidate_port, s.mlflow_port, s.prometheus_port) == (7000, 6001, 6002, 5000, 9090)
+    assert s.weights == {"production": 0.8, "candidate": 0.2}
+    assert s.db_url.startswith("sqlite:///") and s.tracking_uri == "http://127.0.0.1:5000"
+
+
+def test_environment_overrides_with_types():
+    s = Settings.from_env({"ABFLEET_ROUTER_PORT": "7100", "DATABASE_URL": "postgresql://x/y", "VARIANT": "candidate",
+                           "ABFLEET_RELOAD_INTERVAL": "2.5", "ABFLEET_RUN_DIR": "/tmp/somewhere"})
+    assert s.router_port == 7100 and s.db_url == "postgresql://x/y" and s.variant == "candidate"
+    assert s.reload_interval == 2.5 and s.run_dir == Path("/tmp/somewhere")
+    assert s.env()["ABFLEET_ROUTER_PORT"] == "7100" and s.env()["VARIANT"] == "candidate"
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"ABFLEET_ROUTER_PORT": "seven"}, "ABFLEET_ROUTER_PORT"),
+    ({"VARIANT": "canary"}, "VARIANT"),
+    ({"ABFLEET_CANDIDATE_WEIGHT": "120"}, "ABFLEET_CANDIDATE_WEIGHT"),
+])
+def test_bad_settings_say_which_variable(env, message):
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env(env)
+
+
+@pytest.mark.parametrize("text,weight", [("80/20", 20), ("100/0", 0), (" 50 / 50 ", 50), ("0/100", 100)])
+def test_parse_weights(text, weight):
+    assert router.parse_weights(text) == weight
+
+
+@pytest.mark.parametrize("text", ["80/30", "80", "a/b", "-10/110"])
+def test_parse_weights_refuses(text):
+    with pytest.raises(ValueError, match="--weights"):
+        router.parse_weights(text)
+
+
+@pytest.mark.parametrize("weight", [0, 5, 20, 50, 100])
+def test_rendered_config_passes_nginx_t(tmp_path, weight):
+    if router.nginx_binary() is None:
+        pytest.skip("nginx is NOT installed: `apt-get install -y nginx` (make test does it as root)")
+    settings = Settings(run_dir=tmp_path)
+    config = router.write_config(settings, candidate_weight=weight)
+    text = config.read_text()
+    assert "split_clients" in text and "$request_id" not in text.split("$abfleet_variant {")[1].split("}")[0]
+    cmd = router.nginx_command(settings, config)
+    result = subprocess.run([*cmd[:-2], "-t"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_candidate_is_listed_first_so_raising_its_weight_only_moves_users_to_it(tmp_path):
+    text = router.render(Settings(run_dir=tmp_path), candidate_weight=20)
+    block = text.split("$abfleet_variant {")[1].split("}")[0]
+    assert block.index("candidate") < block.index("production")
