@@ -86,9 +86,29 @@ def cmd_data_synth(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_data_publish(args: argparse.Namespace, settings: Settings) -> int:
+    from abfleet import data, objects
+
+    data.read_raw(args.csv)  # refuse a file without the raw schema before storing it
+    store = objects.open_store(settings)
+    key = objects.publish_dataset(store, Path(args.csv))
+    print(f"published {args.csv} as {store.location(key)}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from abfleet import train
 
+    if args.from_store:
+        from abfleet import train as training
+
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            result = training.train_candidate(settings, progress=_say)
+        _emit(args, result, f"version {result['version']}: {'@candidate' if result['candidate_set'] else 'not made candidate'} ({result['reason']})")
+        return 0
+    if not args.data:
+        raise ValueError("give --data CSV, or --from-store")
     if not Path(args.data).exists():
         raise FileNotFoundError(f"--data {args.data}: no such file")
     # MLflow prints run links on stdout; keep stdout for our own output (--json).
@@ -116,6 +136,66 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     os.chdir(project_root())
     os.execv(argv[0], argv)
     return 0  # not reached
+
+
+def cmd_decide(args: argparse.Namespace, settings: Settings) -> int:
+    from abfleet.decision import DecisionPolicy, decide
+
+    try:
+        stats = json.loads(Path(args.stats).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--stats {args.stats}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--stats {args.stats}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(stats, dict):
+        raise ValueError(f"--stats {args.stats}: expected a JSON object with window_hours, weights, variants")
+    outcome = decide(stats, DecisionPolicy.from_env())
+    _emit(args, outcome, _decision_text(outcome))
+    return 0
+
+
+def _decision_text(outcome: dict) -> str:
+    lines = [f"decision: {outcome['decision']}"] + [f"  - {r}" for r in outcome.get("reasons", [])]
+    for name, check in (outcome.get("checks") or {}).items():
+        status = check.get("status", check.get("passed", ""))
+        lines.append(f"  {name:<12} {status}")
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from abfleet import evaluation
+
+    record = evaluation.evaluate(settings, dry_run=args.dry_run, source="cli")
+    text = _decision_text(record) + ("\n(dry run: nothing changed, nothing recorded)" if args.dry_run else
+                                     f"\nrecorded as decision #{record.get('id')}" + (" and applied" if record["applied"] else ""))
+    _emit(args, record, text)
+    return 0
+
+
+def cmd_manual(args: argparse.Namespace, settings: Settings) -> int:
+    from abfleet import evaluation
+
+    record = evaluation.manual(settings, args.command, args.reason)
+    action = record.get("action") or {}
+    _emit(args, record, f"{args.command}: done ({', '.join(f'{k}={v}' for k, v in action.items())}); decision #{record['id']}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
+    from abfleet.store import Store
+
+    store = Store(settings.db_url)
+    store.init_schema()
+    rows = store.decision_history(limit=args.limit)
+    if args.json:
+        _emit(args, {"decisions": rows}, "")
+        return 0
+    if not rows:
+        print("no decisions yet")
+    for r in rows:
+        print(f"#{r['id']:<4} {r['created_at']:%Y-%m-%d %H:%M} {r['decision']:<9} {'applied' if r['applied'] else '       '} "
+              f"{r['source']:<8} prod v{r['production_version']} cand v{r['candidate_version']}: {'; '.join(r['reasons'])[:160]}")
+    return 0
 
 
 # ---- parser -------------------------------------------------------------------------
@@ -146,9 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="CSV file to write")
     s.set_defaults(func=cmd_data_synth)
 
+    s = data_sub.add_parser("publish", help="store a raw CSV as the next datasets/train_V{n}.csv for the training DAG")
+    s.add_argument("csv", help="raw CSV (Kaggle schema)")
+    s.set_defaults(func=cmd_data_publish)
+
     p = sub.add_parser("train", help="train on a raw-schema CSV and register a version")
-    p.add_argument("--data", required=True, help="raw CSV (Kaggle 'Bengaluru House Data' schema)")
+    p.add_argument("--data", help="raw CSV (Kaggle 'Bengaluru House Data' schema)")
     p.add_argument("--alias", choices=VARIANTS, help="point this alias at the new version")
+    p.add_argument("--from-store", action="store_true",
+                   help="train on the newest published dataset and set @candidate only if it passes the offline check")
     p.add_argument("--seed", type=int, default=0, help="split and model seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_train)
@@ -157,6 +243,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=VARIANTS, default=os.environ.get("VARIANT", "production"))
     p.add_argument("--port", type=int, help="listen port (default: the variant's port from settings)")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("decide", help="the decision alone, from aggregated stats (JSON)")
+    p.add_argument("--stats", required=True, help="JSON file in the decision-input shape (see DESIGN.md)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_decide)
+
+    p = sub.add_parser("evaluate", help="one evaluation cycle: Prometheus → decision → action → record")
+    p.add_argument("--dry-run", action="store_true", help="decide, but change and record nothing")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_evaluate)
+
+    for name, text in (("promote", "make the candidate production (manual override, audited)"),
+                       ("rollback", "remove the candidate (manual override, audited)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--reason", help="why, for the audit trail")
+        p.add_argument("--json", action="store_true", help="print one JSON document")
+        p.set_defaults(func=cmd_manual)
+
+    p = sub.add_parser("history", help="every decision with its numbers")
+    p.add_argument("--limit", type=int, default=50, help="how many, newest first (default 50)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_history)
     return parser
 
 

@@ -216,6 +216,11 @@ def _locations_table() -> pd.DataFrame:
     return pd.read_csv(LOCATIONS_CSV, keep_default_na=False)
 
 
+def known_locations() -> frozenset[str]:
+    """Every location the fleet accepts, whatever a given model was trained on."""
+    return frozenset(_locations_table()["location"].astype(str))
+
+
 def load_locations() -> pd.DataFrame:
     """The packaged aggregate table derived from the cleaned real data (no raw rows).
 

@@ -64,7 +64,11 @@ def wait_serving(settings: Settings, versions: dict[str, str], timeout: float = 
 def drive_traffic(settings: Settings, requests_count: int = 300) -> collections.Counter:
     """Distinct users ask for estimates through the router; every tenth one rates it."""
     router = f"http://{settings.host}:{settings.router_port}"
-    flats = data.clean(data.synth(requests_count, seed=99)).frame.to_dict("records")
+    from inference.backend.schemas import MAX_BATH, MAX_BHK, MAX_SQFT, MIN_SQFT
+
+    frame = data.clean(data.synth(4 * requests_count, seed=99)).frame
+    inside = frame.total_sqft.between(MIN_SQFT, MAX_SQFT) & (frame.bhk <= MAX_BHK) & (frame.bath <= MAX_BATH)
+    flats = frame[inside].to_dict("records")
 
     def ask(i: int) -> tuple[str, int]:
         flat = flats[i % len(flats)]

@@ -71,3 +71,15 @@ class ServerMetrics:
             multiprocess_mode="liveall", registry=registry,
         )
         self.swaps = Counter(_strip_total(MODEL_SWAPS), "In-memory model swaps", ["variant"], registry=registry)
+
+    def prime(self, variant: str, version: str, endpoint: str) -> None:
+        """Create this version's series at zero, so that Prometheus's increase() over the
+        experiment window counts from the first request instead of from the first scrape."""
+        for status in ("200", "422", "500", "503"):
+            self.requests.labels(variant, version, endpoint, status)
+        for stars in "12345":
+            self.ratings.labels(variant, version, stars)
+        for kind in ("accurate", "too_high", "too_low"):
+            self.quick.labels(variant, version, kind)
+        for counter in (self.ape_count, self.ape_sum, self.ape_sum_sq):
+            counter.labels(variant, version)

@@ -116,6 +116,15 @@ class FastPredictor:
     def knows(self, location: str) -> bool:
         return location in self._codes
 
+    def model_location(self, location: str, vocabulary: frozenset[str]) -> str | None:
+        """The location as the model should see it: itself when trained on it, "other" when it
+        is a known Bengaluru location the training data was too thin on, None when unknown."""
+        if location in self._codes:
+            return location
+        if location in vocabulary and "other" in self._codes:
+            return "other"
+        return None
+
     def predict_one(self, location: str, total_sqft: float, bhk: int, bath: int) -> float:
         row = np.array([[self._codes[location], total_sqft, bhk, bath]], dtype=np.float64)
         return float(self._inverse(self._trees.predict(row))[0])

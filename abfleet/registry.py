@@ -55,6 +55,9 @@ def aliases(settings: Settings) -> dict[str, str | None]:
 
 def set_alias(settings: Settings, alias: str, version: str) -> None:
     client(settings).set_registered_model_alias(settings.model_name, alias, str(version))
+    if alias == "candidate":
+        # The experiment window starts here: evaluation counts traffic since this moment.
+        tag_version(settings, version, {"candidate_since": _now()})
 
 
 def delete_alias(settings: Settings, alias: str) -> None:
@@ -77,6 +80,45 @@ def load_model(settings: Settings, version: str):
 
     client(settings)
     return mlflow.sklearn.load_model(f"models:/{settings.model_name}/{version}")
+
+
+def promote(settings: Settings, reasons: list[str], source: str) -> dict:
+    """@production → the candidate's version; the old production tagged `retired`; @candidate removed.
+
+    Nothing is deleted: the retired version stays registered, one `set_alias` away.
+    """
+    candidate = version_for(settings, "candidate")
+    if candidate is None:
+        raise RegistryError("there is no @candidate to promote")
+    previous = version_for(settings, "production")
+    now, why = _now(), _join(reasons)
+    set_alias(settings, "production", candidate)
+    delete_alias(settings, "candidate")
+    tag_version(settings, candidate, {"promoted_at": now, "promoted_by": source, "promoted_reasons": why})
+    if previous and previous != candidate:
+        tag_version(settings, previous, {"retired": now, "retired_by": source, "retired_for": candidate})
+    return {"action": "promote", "production_version": candidate, "previous_production_version": previous}
+
+
+def rollback(settings: Settings, reasons: list[str], source: str) -> dict:
+    """@candidate removed and its version tagged `rolled_back` with the reasons; artifacts stay."""
+    candidate = version_for(settings, "candidate")
+    if candidate is None:
+        raise RegistryError("there is no @candidate to roll back")
+    delete_alias(settings, "candidate")
+    tag_version(settings, candidate, {"rolled_back": _now(), "rolled_back_by": source, "rolled_back_reasons": _join(reasons)})
+    return {"action": "rollback", "rolled_back_version": candidate, "production_version": version_for(settings, "production")}
+
+
+def _now() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _join(reasons: list[str]) -> str:
+    # MLflow caps tag values; the decisions table keeps the full text.
+    return "; ".join(reasons)[:4900]
 
 
 def _is_missing(exc) -> bool:

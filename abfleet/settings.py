@@ -63,6 +63,14 @@ class Settings:
     s3_bucket: str = ""
     s3_endpoint_url: str = ""
     s3_prefix: str = "abfleet"
+    # Empty means the local stack's Prometheus on prometheus_port.
+    prometheus_url: str = ""
+    # Called with the decision on every promote and rollback (optional).
+    webhook_url: str = ""
+
+    # A retrained model becomes @candidate only if its held-out median APE is at most this
+    # much (relative) worse than production's on the same rows.
+    offline_margin: float = 0.05
 
     workers: int = 2
     # How often a server re-reads its registry alias (seconds).

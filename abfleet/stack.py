@@ -176,9 +176,23 @@ def up(settings: Settings, *, candidate_weight: int | None = None, only: tuple[s
     return status(settings)
 
 
+def admin_token(settings: Settings) -> str:
+    """The token for the servers' reload endpoint: from settings, else one kept in the run dir."""
+    if settings.admin_token:
+        return settings.admin_token
+    path = settings.run_dir / "admin-token"
+    if not path.exists():
+        import secrets
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(24))
+    return path.read_text().strip()
+
+
 def _start(settings: Settings, svc: Service) -> subprocess.Popen:
     log = (settings.run_dir / "logs" / f"{svc.name}.log").open("ab")
-    env = {**os.environ, **settings.env(), **svc.env}
+    env = {**os.environ, **settings.env(), "ABFLEET_ADMIN_TOKEN": admin_token(settings), **svc.env}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     proc = subprocess.Popen(
         svc.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -28,6 +28,10 @@ def train(
     "rows": {...}, "dropped": {...}, "alias"}. The cleaned train and test splits are logged
     with the model (`data/train.csv`, `data/test.csv`): drift checks use them as reference.
     """
+    return _train(settings, data_csv, alias=alias, seed=seed, params=params, rules=rules, progress=progress)[0]
+
+
+def _train(settings, data_csv, *, alias, seed, params, rules, progress):
     import mlflow
     import mlflow.sklearn
 
@@ -83,4 +87,41 @@ def train(
         "metrics": metrics,
         "rows": {"in": cleaned.rows_in, "usable": cleaned.rows_out, "train": len(train_rows), "test": len(test_rows)},
         "dropped": cleaned.dropped,
-    }
+    }, fitted, test_rows
+
+
+def train_candidate(settings: Settings, *, progress: Callable[[str], None] = lambda _msg: None) -> dict:
+    """The training DAG's job: newest `datasets/train_V{n}.csv` → a registered version, made
+    @candidate only when, on the same held-out rows, its median APE is not worse than
+    production's by more than `settings.offline_margin` (relative)."""
+    from abfleet import objects
+
+    store = objects.open_store(settings)
+    versions = objects.dataset_versions(store)
+    if not versions:
+        raise FileNotFoundError("no datasets/train_V{n}.csv in the object store: publish one with `abfleet data publish CSV`")
+    n, key = versions[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        csv = store.get_file(key, Path(tmp) / Path(key).name)
+        progress(f"newest dataset: {key}")
+        result, fitted, test_rows = _train(settings, csv, alias=None, seed=0, params=None, rules=None, progress=progress)
+    result["dataset"] = key
+    production = registry.version_for(settings, "production")
+    if production is None:
+        ok, reason = True, "no production model to compare with"
+    else:
+        baseline = model.score(registry.load_model(settings, production), test_rows)
+        own = model.score(fitted, test_rows)
+        limit = baseline["median_ape"] * (1 + settings.offline_margin)
+        ok = own["median_ape"] <= limit
+        reason = (f"median APE {own['median_ape']:.4f} vs production v{production} {baseline['median_ape']:.4f} "
+                  f"on the same {len(test_rows)} held-out rows (limit {limit:.4f})")
+        result["offline"] = {"candidate": own, "production": baseline, "production_version": production}
+    result["candidate_set"], result["reason"] = ok, reason
+    if ok:
+        registry.set_alias(settings, "candidate", result["version"])
+        progress(f"version {result['version']} is now @candidate: {reason}")
+    else:
+        registry.tag_version(settings, result["version"], {"offline_rejected": reason})
+        progress(f"version {result['version']} NOT made candidate: {reason}")
+    return result

@@ -12,6 +12,7 @@ from flask import Flask, Response, g, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from abfleet import data
 from abfleet.metrics import ServerMetrics
 from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
@@ -19,6 +20,8 @@ from abfleet.store import Duplicate, NotFound, Store
 from inference.backend.schemas import FeedbackRequest, PredictRequest, describe
 
 log = logging.getLogger(__name__)
+
+PREDICT = "/api/predict_home_price"
 
 
 def create_app(settings: Settings | None = None, holder: ModelHolder | None = None, store: Store | None = None) -> Flask:
@@ -39,6 +42,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             metrics.model_info.remove(settings.variant, old.version, old.alias, str(old.fallback).lower())
             metrics.swaps.labels(settings.variant).inc()
         metrics.model_info.labels(settings.variant, new.version, new.alias, str(new.fallback).lower()).set(1)
+        metrics.prime(settings.variant, new.version, PREDICT)
 
     if holder is None:
         holder = ModelHolder(settings, on_swap=on_swap)
@@ -47,6 +51,8 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     elif holder.current is not None:
         on_swap(None, holder.current)
 
+    # The fleet's vocabulary, so both variants accept the same locations whatever their data.
+    vocabulary = data.known_locations()
     app.extensions["abfleet"] = {"settings": settings, "holder": holder, "store": store, "metrics": metrics}
     variant = settings.variant
 
@@ -91,7 +97,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     def refuse(message: str, field: str | None, status: int = 422):
         return jsonify(error=message, field=field), status
 
-    @app.post("/api/predict_home_price")
+    @app.post(PREDICT)
     def predict_home_price():
         body = payload()
         if body is None:
@@ -103,10 +109,11 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         held = holder.current
         if held is None:
             return refuse(f"no model loaded yet: {holder.last_error or 'loading'}", None, 503)
-        if not held.predictor.knows(req.location):
+        location = held.predictor.model_location(req.location, vocabulary)
+        if location is None:
             return refuse(f"location: unknown location {req.location!r}; see /api/get_location_names", "location")
         t0 = time.perf_counter()
-        price = held.predictor.predict_one(req.location, req.total_sqft, req.bhk, req.bath)
+        price = held.predictor.predict_one(location, req.total_sqft, req.bhk, req.bath)
         latency_ms = (time.perf_counter() - t0) * 1000.0
         g.model_version = held.version
         prediction_id = uuid.uuid4().hex
@@ -131,7 +138,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         held = holder.current
         if held is None:
             return refuse(f"no model loaded yet: {holder.last_error or 'loading'}", None, 503)
-        return jsonify(locations=held.predictor.locations)
+        return jsonify(locations=sorted(vocabulary.union(held.predictor.locations) - {"other"}) + ["other"])
 
     @app.post("/api/feedback")
     def record_feedback():

@@ -69,8 +69,10 @@ def test_feedback_semantics(app, client):
     assert kinds == ["actual_price", "quick", "rating"]
     # Counters moved once each, not for the refused ones.
     ratings = samples(client, "abfleet_ratings_total")
-    assert [(s.labels["stars"], s.value) for s in ratings] == [("4", 1.0)]
-    assert [s.value for s in samples(client, "abfleet_ape_observations_total")] == [1.0]
+    assert [(s.labels["stars"], s.value) for s in ratings if s.value] == [("4", 1.0)]
+    assert [s.value for s in samples(client, "abfleet_ape_observations_total") if s.value] == [1.0]
+    # The model's series exist from the start (at zero), so increase() counts the first event.
+    assert sorted(s.labels["stars"] for s in ratings) == ["1", "2", "3", "4", "5"]
 
 
 @pytest.mark.parametrize("body,field", [
@@ -109,3 +111,16 @@ def test_unknown_route_and_method_are_json(client):
     assert client.get("/api/nope").get_json()["error"]
     r = client.get("/api/predict_home_price")
     assert r.status_code == 405 and r.get_json()["error"]
+
+
+def test_a_known_location_the_model_never_saw_is_priced_as_other(client, predictor):
+    from abfleet import data
+
+    unseen = sorted(data.known_locations() - set(predictor.locations))
+    assert unseen, "the tiny model should miss some rare locations"
+    r = client.post("/api/predict_home_price", json={**FLAT, "location": unseen[0]})
+    assert r.status_code == 200
+    other = client.post("/api/predict_home_price", json={**FLAT, "location": "other"}).get_json()["estimated_price"]
+    assert r.get_json()["estimated_price"] == other
+    names = client.get("/api/get_location_names").get_json()["locations"]
+    assert unseen[0] in names and names[-1] == "other"

@@ -1,0 +1,237 @@
+"""One evaluation cycle: Prometheus → stats → decision → action → record.
+
+The hourly DAG, `abfleet evaluate` and the manual `abfleet promote|rollback` all run
+through here, so they are audited the same way. `abfleet.decision` stays pure; this module
+does the I/O around it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from typing import Any
+
+import requests
+
+from abfleet import metrics as m
+from abfleet import registry
+from abfleet.decision import DecisionPolicy, decide
+from abfleet.settings import VARIANTS, Settings
+
+log = logging.getLogger(__name__)
+PREDICT = "/api/predict_home_price"
+
+
+class PrometheusError(RuntimeError):
+    """Prometheus did not answer, or answered with an error."""
+
+
+class Prometheus:
+    """The smallest client that does: instant queries over the HTTP API."""
+
+    def __init__(self, url: str, timeout: float = 10.0):
+        self.url, self.timeout = url.rstrip("/"), timeout
+
+    def query(self, expr: str) -> list[dict]:
+        try:
+            r = requests.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=self.timeout)
+            body = r.json()
+        except (requests.RequestException, ValueError) as exc:
+            raise PrometheusError(f"Prometheus at {self.url} unreachable: {type(exc).__name__}") from None
+        if body.get("status") != "success":
+            raise PrometheusError(f"Prometheus refused {expr!r}: {body.get('error')}")
+        return body["data"]["result"]
+
+    def scalar(self, expr: str) -> float | None:
+        result = self.query(expr)
+        if not result:
+            return None
+        value = float(result[0]["value"][1])
+        return value if value == value and abs(value) != float("inf") else None  # NaN / inf → unknown
+
+    def by_label(self, expr: str, label: str) -> dict[str, float]:
+        return {r["metric"].get(label, ""): float(r["value"][1]) for r in self.query(expr)}
+
+
+def prometheus_url(settings: Settings) -> str:
+    return settings.prometheus_url or f"http://{settings.host}:{settings.prometheus_port}"
+
+
+# PromQL lives here, as named templates, one place.
+QUERIES = {
+    "requests": f'sum(increase({m.REQUESTS}{{variant="{{v}}",model_version="{{mv}}",endpoint="{PREDICT}"}}[{{w}}]))',
+    "errors": f'sum(increase({m.REQUESTS}{{variant="{{v}}",model_version="{{mv}}",endpoint="{PREDICT}",status=~"5.."}}[{{w}}]))',
+    "latency_p95": f'histogram_quantile(0.95, sum by (le) (increase({m.LATENCY}_bucket{{variant="{{v}}",endpoint="{PREDICT}"}}[{{w}}])))',
+    "latency_mean": (f'sum(increase({m.LATENCY}_sum{{variant="{{v}}",endpoint="{PREDICT}"}}[{{w}}]))'
+                     f' / sum(increase({m.LATENCY}_count{{variant="{{v}}",endpoint="{PREDICT}"}}[{{w}}]))'),
+    "ratings": f'sum by (stars) (increase({m.RATINGS}{{variant="{{v}}",model_version="{{mv}}"}}[{{w}}]))',
+    "quick": f'sum by (kind) (increase({m.QUICK_FEEDBACK}{{variant="{{v}}",model_version="{{mv}}"}}[{{w}}]))',
+    "ape_count": f'sum(increase({m.APE_COUNT}{{variant="{{v}}",model_version="{{mv}}"}}[{{w}}]))',
+    "ape_sum": f'sum(increase({m.APE_SUM}{{variant="{{v}}",model_version="{{mv}}"}}[{{w}}]))',
+    "ape_sum_sq": f'sum(increase({m.APE_SUM_SQ}{{variant="{{v}}",model_version="{{mv}}"}}[{{w}}]))',
+}
+
+
+def _count(x: float | None) -> int | None:
+    return None if x is None else int(round(x))
+
+
+def variant_stats(prom: Prometheus, variant: str, version: str, window: str) -> dict[str, Any]:
+    """One arm's numbers over the window, in the decision input's shape."""
+    q = {name: t.replace("{v}", variant).replace("{mv}", version).replace("{w}", window) for name, t in QUERIES.items()}
+    p95 = prom.scalar(q["latency_p95"])
+    mean = prom.scalar(q["latency_mean"])
+    ape_count = _count(prom.scalar(q["ape_count"]))
+    return {
+        "model_version": version,
+        "requests": _count(prom.scalar(q["requests"])),
+        "errors": _count(prom.scalar(q["errors"])) or 0,
+        "latency_p95_ms": None if p95 is None else round(p95 * 1000, 3),
+        "latency_mean_ms": None if mean is None else round(mean * 1000, 3),
+        "ratings": {stars: _count(v) for stars, v in sorted(prom.by_label(q["ratings"], "stars").items())},
+        "quick": {kind: _count(v) for kind, v in sorted(prom.by_label(q["quick"], "kind").items())},
+        "ape": {"count": ape_count or 0, "sum": prom.scalar(q["ape_sum"]) or 0.0, "sum_sq": prom.scalar(q["ape_sum_sq"]) or 0.0},
+    }
+
+
+def _since(settings: Settings, version: str) -> dt.datetime:
+    info = registry.version_info(settings, version)
+    tag = (info.tags or {}).get("candidate_since")
+    if tag:
+        return dt.datetime.fromisoformat(tag)
+    return dt.datetime.fromtimestamp(info.creation_timestamp / 1000, dt.timezone.utc)
+
+
+def collect(settings: Settings, now: dt.datetime | None = None) -> dict:
+    """Who is in the experiment, since when, and the stats Prometheus holds for it."""
+    from abfleet import stack
+
+    now = now or dt.datetime.now(dt.timezone.utc)
+    out: dict[str, Any] = {"at": now.isoformat(timespec="seconds"), "stats": None, "problems": [],
+                           "production_version": None, "candidate_version": None, "since": None}
+    try:
+        versions = registry.aliases(settings)
+    except Exception as exc:  # registry down: nothing can be decided, nothing is changed
+        out["problems"].append(f"registry unreachable: {exc}")
+        return out
+    out["production_version"], out["candidate_version"] = versions["production"], versions["candidate"]
+    if not versions["candidate"] or not versions["production"]:
+        out["problems"].append("no @candidate in the registry: nothing to evaluate" if versions["production"]
+                               else "no @production in the registry")
+        return out
+    since = _since(settings, versions["candidate"])
+    out["since"] = since.isoformat(timespec="seconds")
+    seconds = max(60, int((now - since).total_seconds()))
+    weight = stack.saved_weight(settings) / 100.0
+    stats: dict[str, Any] = {"window_hours": round(seconds / 3600.0, 4),
+                             "weights": {"production": round(1 - weight, 4), "candidate": weight}, "variants": {}}
+    prom = Prometheus(prometheus_url(settings))
+    try:
+        for variant in VARIANTS:
+            stats["variants"][variant] = variant_stats(prom, variant, versions[variant], f"{seconds}s")
+    except PrometheusError as exc:
+        # No numbers: the decision sees missing data, which never promotes.
+        out["problems"].append(str(exc))
+        stats["variants"] = {v: {"model_version": versions[v]} for v in VARIANTS}
+    out["stats"] = stats
+    return out
+
+
+def judge(collected: dict, policy: DecisionPolicy | None = None) -> dict:
+    """The decision for collected stats; 'continue' whenever there is nothing sound to judge."""
+    problems = collected.get("problems") or []
+    if collected.get("stats") is None:
+        return {"decision": "continue", "reasons": problems or ["nothing to evaluate"], "checks": {}}
+    outcome = decide(collected["stats"], policy or DecisionPolicy.from_env())
+    if problems:
+        if outcome["decision"] == "promote":  # belt and braces: a problem never ends in a promotion
+            outcome["decision"] = "continue"
+        outcome["reasons"] = problems + outcome["reasons"]
+    return outcome
+
+
+def act(settings: Settings, collected: dict, outcome: dict, *, dry_run: bool = False, source: str = "cli") -> dict:
+    """Apply the decision (aliases, tags, reload, webhook) and record it, continue included."""
+    decision = outcome["decision"]
+    reasons = list(outcome.get("reasons") or [])
+    record: dict[str, Any] = {"decision": decision, "reasons": reasons, "source": source, "applied": False,
+                              "dry_run": dry_run, "production_version": collected.get("production_version"),
+                              "candidate_version": collected.get("candidate_version"), "at": collected.get("at")}
+    if dry_run:
+        return record
+    if decision in ("promote", "rollback") and collected.get("candidate_version"):
+        action = registry.promote if decision == "promote" else registry.rollback
+        record["action"] = action(settings, reasons, source)
+        record["applied"] = True
+        record["reloaded"] = reload_servers(settings)
+        record["webhook"] = notify(settings, record)
+    record["id"] = _record(settings, record, outcome, collected)
+    return record
+
+
+def evaluate(settings: Settings, *, dry_run: bool = False, source: str = "cli") -> dict:
+    """One whole cycle; returns the record with the stats and checks behind it."""
+    collected = collect(settings)
+    outcome = judge(collected)
+    record = act(settings, collected, outcome, dry_run=dry_run, source=source)
+    return {**record, "stats": collected.get("stats"), "checks": outcome.get("checks"), "score": outcome.get("score"),
+            "flags": outcome.get("flags", [])}
+
+
+def manual(settings: Settings, decision: str, reason: str | None) -> dict:
+    """`abfleet promote|rollback`: the same action and audit trail as the DAG's."""
+    collected = collect(settings)
+    if not collected.get("candidate_version"):
+        raise registry.RegistryError(f"there is no @candidate to {decision}")
+    outcome = {"decision": decision, "reasons": [f"manual {decision}: {reason or 'no reason given'}"], "checks": {}}
+    return act(settings, collected, outcome, source="manual")
+
+
+def reload_servers(settings: Settings) -> dict[str, str]:
+    """Ask both servers to re-read their alias now (they also notice by themselves)."""
+    from abfleet import stack
+
+    token = stack.admin_token(settings)
+    out = {}
+    for variant in VARIANTS:
+        url = f"http://{settings.host}:{settings.port_of(variant)}/api/admin/reload"
+        try:
+            r = requests.post(url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            out[variant] = f"{r.status_code} {r.json().get('model_version', '')}".strip()
+        except (requests.RequestException, ValueError) as exc:
+            out[variant] = f"not reached ({type(exc).__name__}); it will notice within {settings.reload_interval:.0f}s"
+    return out
+
+
+def notify(settings: Settings, record: dict) -> str | None:
+    """POST the decision to the configured webhook; a failure is reported, never fatal."""
+    if not settings.webhook_url:
+        return None
+    try:
+        r = requests.post(settings.webhook_url, json={"source": "abfleet", **record}, timeout=10)
+        return f"{r.status_code}"
+    except requests.RequestException as exc:
+        log.warning("webhook %s failed: %s", settings.webhook_url, exc)
+        return f"failed: {type(exc).__name__}"
+
+
+def _record(settings: Settings, record: dict, outcome: dict, collected: dict) -> int:
+    from abfleet.store import Store
+
+    details = {"stats": collected.get("stats"), "checks": outcome.get("checks"), "score": outcome.get("score"),
+               "flags": outcome.get("flags", []), "action": record.get("action"), "since": collected.get("since")}
+    store = Store(settings.db_url)
+    store.init_schema()
+    decision_id = store.record_decision(record["decision"], record["source"], record["applied"], record["reasons"],
+                                        details, record["production_version"], record["candidate_version"])
+    store.engine.dispose()
+    version = record["candidate_version"]
+    if version:
+        try:
+            registry.tag_version(settings, version, {
+                f"decision.{decision_id:06d}": json.dumps({"decision": record["decision"], "at": record["at"],
+                                                           "source": record["source"], "reasons": record["reasons"]})[:4900]})
+        except Exception as exc:  # the table row is the record of truth; the tag is a convenience
+            log.warning("could not tag version %s: %s", version, exc)
+    return decision_id
