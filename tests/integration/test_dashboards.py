@@ -1,0 +1,246 @@
+"""Every Grafana dashboard query runs against the live fleet's Prometheus: it parses, and returns data.
+
+Traffic and feedback are first sent through the router so both variants have requests, latency,
+ratings, quick verdicts and actual prices; the test then waits until Prometheus has scraped them.
+Pipeline-side gauges (drift, evaluation, decisions, router weight) may not be exported by the stack
+yet: a query that only uses such metrics must parse, and must return data only once all of its
+metrics exist in Prometheus. Those parse-only queries are reported as warnings and printed.
+
+The query extraction and variable substitution here are also used by tests/unit/test_monitoring.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD_DIR = ROOT / "monitoring" / "grafana" / "dashboards"
+PREDICT = "/api/predict_home_price"
+FLAT = {"location": "Indira Nagar", "total_sqft": 1200, "bhk": 2, "bath": 2}
+SCRAPE_WAIT = 60.0  # seconds to wait for Prometheus (scrape interval 5s)
+
+# Written by the pipeline / router side, not by the model servers: may be absent from a fresh stack.
+PIPELINE_METRICS = frozenset({
+    "abfleet_drift_share_drifted",
+    "abfleet_drift_detected",
+    "abfleet_drift_column_score",
+    "abfleet_last_evaluation_timestamp_seconds",
+    "abfleet_decisions_total",
+    "abfleet_router_candidate_weight",
+})
+
+# Grafana's built-in interval variables, replaced with fixed windows that suit a 5s scrape.
+BUILTINS = {
+    "__rate_interval": "1m",
+    "__interval": "1m",
+    "__interval_ms": "60000",
+    "__range": "1h",
+    "__range_s": "3600",
+    "__range_ms": "3600000",
+}
+_VARIABLE = re.compile(r"\$\{(\w+)(?::[^}]*)?\}|\[\[(\w+)(?::[^\]]*)?\]\]|\$(\w+)")
+_METRIC = re.compile(r"\babfleet_[A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class PanelQuery:
+    dashboard: str  # file name
+    panel: str  # panel title
+    ref_id: str
+    raw: str  # as written in the dashboard
+    expr: str  # Grafana variables substituted
+
+    @property
+    def id(self) -> str:
+        return f"{self.dashboard}:{self.panel}:{self.ref_id}"
+
+
+def iter_panels(panels: list[dict]):
+    """Every panel, including those nested in (collapsed) rows."""
+    for panel in panels or []:
+        yield panel
+        yield from iter_panels(panel.get("panels", []))
+
+
+def template_values(dashboard: dict) -> dict[str, str]:
+    """Templating variable -> the value a query gets: its default, or `.*` for All / multi / unknown."""
+    values = {}
+    for var in dashboard.get("templating", {}).get("list", []):
+        current = (var.get("current") or {}).get("value")
+        if isinstance(current, list):
+            current = current[0] if len(current) == 1 else "$__all"
+        if current in (None, "", "$__all"):
+            current = var.get("allValue") or ".*"
+        values[var["name"]] = current
+    return values
+
+
+def substitute(expr: str, values: dict[str, str]) -> str:
+    """Replace Grafana variables ($x, ${x}, ${x:fmt}, [[x]]); unknown ones become `.*`."""
+    def repl(match: re.Match) -> str:
+        name = next(g for g in match.groups() if g)
+        if name in BUILTINS:
+            return BUILTINS[name]
+        return values.get(name, ".*")
+
+    return _VARIABLE.sub(repl, expr)
+
+
+def dashboard_queries(directory: Path = DASHBOARD_DIR) -> list[PanelQuery]:
+    queries = []
+    for path in sorted(directory.glob("*.json")):
+        dashboard = json.loads(path.read_text())
+        values = template_values(dashboard)
+        for panel in iter_panels(dashboard.get("panels", [])):
+            for target in panel.get("targets", []) or []:
+                raw = (target.get("expr") or "").strip()
+                if raw:
+                    queries.append(PanelQuery(path.name, panel.get("title", f"panel {panel.get('id')}"),
+                                              target.get("refId", "?"), raw, substitute(raw, values)))
+    return queries
+
+
+def abfleet_metrics(expr: str) -> set[str]:
+    """The abfleet_* metric names a query uses, as written (histograms as _bucket/_count/_sum)."""
+    return set(_METRIC.findall(expr))
+
+
+def prom_query(prom_url: str, expr: str) -> dict:
+    """The API's JSON answer (errors included: a parse error is status 'error', errorType 'bad_data')."""
+    r = requests.get(f"{prom_url}/api/v1/query", params={"query": expr}, timeout=10)
+    try:
+        return r.json()
+    except ValueError:
+        return {"status": "error", "error": f"HTTP {r.status_code}: {r.text[:200]}"}
+
+
+def metric_names(prom_url: str) -> set[str]:
+    r = requests.get(f"{prom_url}/api/v1/label/__name__/values", timeout=10)
+    r.raise_for_status()
+    return set(r.json()["data"])
+
+
+def check_query(prom_url: str, query: PanelQuery, existing: set[str]) -> str | None:
+    """Run one panel query. Returns None when it parsed and returned data, a parse-only note when its
+    pipeline metrics do not exist yet; raises AssertionError otherwise."""
+    answer = prom_query(prom_url, query.expr)
+    assert answer.get("status") == "success", (
+        f"{query.id}: Prometheus rejected the query: {answer.get('errorType')}: {answer.get('error')}\n{query.expr}")
+    used = abfleet_metrics(query.expr)
+    missing = sorted(used - existing)
+    if used and used <= PIPELINE_METRICS and missing:
+        return f"{query.id}: parse-checked only, not exported yet: {', '.join(missing)}"
+    result = answer["data"]["result"]
+    series = len(result) if isinstance(result, list) else 1  # scalar/string results are one value
+    assert series >= 1, f"{query.id}: no data (metrics used: {sorted(used)}; missing: {missing})\n{query.expr}"
+    return None
+
+
+# ---- the live fleet ---------------------------------------------------------------------------
+
+def generate_traffic(fleet, users: int = 60, max_users: int = 400) -> dict[str, int]:
+    """Predictions and every kind of feedback through the router, until both variants have them."""
+    session = requests.Session()
+    url = fleet.router_url
+    predictions: dict[str, list[tuple[str, str]]] = {"production": [], "candidate": []}
+    i = 0
+    while i < max_users and (i < users or not all(len(p) >= 3 for p in predictions.values())):
+        user = f"dashboards-user-{i}"
+        i += 1
+        r = session.post(f"{url}{PREDICT}", json=FLAT, headers={"X-User-Id": user}, timeout=10)
+        assert r.status_code == 200, f"predict via router: HTTP {r.status_code}: {r.text}"
+        predictions[r.headers["X-Variant"]].append((user, r.json()["prediction_id"]))
+    assert all(predictions.values()), f"one variant got no traffic from {i} users: " + str(
+        {v: len(p) for v, p in predictions.items()})
+
+    for variant, preds in predictions.items():
+        for n, (user, prediction_id) in enumerate(preds):
+            feedback = [{"feedback_type": "rating", "feedback_value": 3 + n % 3},
+                        {"feedback_type": "actual_price", "feedback_value": 100.0},
+                        {"feedback_type": "accurate"}]
+            for body in feedback:
+                r = session.post(f"{url}/api/feedback", json={"prediction_id": prediction_id, **body},
+                                 headers={"X-User-Id": user}, timeout=10)
+                assert r.status_code == 201, f"feedback {body} via router: HTTP {r.status_code}: {r.text}"
+    return {v: len(p) for v, p in predictions.items()}
+
+
+# Each must return both variants with scraped, non-zero data (the servers create some series at 0
+# when a model loads, so a series alone does not prove the traffic has been scraped yet).
+READY = [
+    f'sum by (variant) (abfleet_requests_total{{endpoint="{PREDICT}"}}) > 0',
+    f'sum by (variant) (abfleet_request_latency_seconds_count{{endpoint="{PREDICT}"}}) > 0',
+    "sum by (variant) (abfleet_ratings_total) > 0",
+    "sum by (variant) (abfleet_quick_feedback_total) > 0",
+    "sum by (variant) (abfleet_ape_observations_total) > 0",
+    "max by (variant) (abfleet_model_info)",
+]
+SCRAPE_INTERVAL = 5.0
+
+
+def wait_until_scraped(prom_url: str, timeout: float = SCRAPE_WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(READY)
+    while True:
+        pending = [q for q in pending
+                   if {s["metric"].get("variant") for s in prom_query(prom_url, q).get("data", {}).get("result", [])}
+                   < {"production", "candidate"}]
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert not pending, f"Prometheus has not scraped both variants within {timeout:.0f}s for: {pending}"
+
+
+@pytest.fixture(scope="module")
+def live_prometheus(fleet) -> tuple[str, set[str]]:
+    """Two waves of traffic a few scrapes apart, so rate()/increase() panels see real increments
+    (a series whose first scrape already holds the whole burst shows no increase)."""
+    prom_url = f"http://{fleet.settings.host}:{fleet.settings.prometheus_port}"
+    sent = generate_traffic(fleet)
+    print(f"\n[dashboards] predictions sent per variant: {sent}")
+    wait_until_scraped(prom_url)
+    sent = generate_traffic(fleet)
+    print(f"[dashboards] second wave: {sent}")
+    time.sleep(2.5 * SCRAPE_INTERVAL)  # scraped at least twice more
+    return prom_url, metric_names(prom_url)
+
+
+QUERIES = dashboard_queries()
+
+
+def test_dashboards_have_queries():
+    assert QUERIES, f"no panel queries found under {DASHBOARD_DIR}"
+    assert {q.dashboard for q in QUERIES} >= {"ab-overview.json", "drift.json"}
+
+
+@pytest.mark.parametrize("query", QUERIES, ids=[q.id for q in QUERIES])
+def test_dashboard_query_parses_and_returns_data(live_prometheus, query: PanelQuery):
+    prom_url, existing = live_prometheus
+    note = check_query(prom_url, query, existing)
+    if note:
+        print(f"\n[dashboards] PARSE-ONLY {note}")
+        warnings.warn(f"PARSE-ONLY {note}", UserWarning, stacklevel=1)
+
+
+def test_live_prometheus_loaded_the_alert_rules(live_prometheus):
+    """The stack's Prometheus found monitoring/rules/*.yml and evaluates them without errors."""
+    import yaml
+
+    prom_url, _ = live_prometheus
+    expected = {rule["alert"] for path in (ROOT / "monitoring" / "rules").glob("*.yml")
+                for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"] if "alert" in rule}
+    groups = requests.get(f"{prom_url}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    loaded = {rule["name"]: rule for group in groups for rule in group["rules"] if rule["type"] == "alerting"}
+    assert expected <= set(loaded), f"alert rules not loaded by the live Prometheus: {sorted(expected - set(loaded))}"
+    broken = {name: rule.get("lastError") for name, rule in loaded.items() if rule.get("health") == "err"}
+    assert not broken, f"alert rules failing to evaluate: {broken}"
