@@ -35,7 +35,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
     weight = router.parse_weights(args.weights) if args.weights else None
     _say(f"starting the local fleet in {settings.run_dir}")
-    state = stack.up(settings, candidate_weight=weight, say=_say)
+    state = stack.up(settings, candidate_weight=weight, with_airflow=args.with_airflow, say=_say)
     if state["aliases"] and state["aliases"].get("production") is None:
         _say("note: no @production model yet: run `abfleet train --data CSV --alias production`")
     print(_status_text(state))
@@ -198,6 +198,31 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_drift(args: argparse.Namespace, settings: Settings) -> int:
+    from abfleet import drift
+
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if args.reference or args.current:
+            if not (args.reference and args.current):
+                raise ValueError("give both --reference CSV and --current CSV, or neither (then the store's traffic is used)")
+            result = drift.from_raw_files(args.reference, args.current, drift.policy_from(settings))
+            summary = {**result.summary, "report": None}
+            if result.html is not None:
+                out = Path(args.report or (settings.run_dir / "drift-report.html"))
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(result.html)
+                summary["report"] = str(out)
+        else:
+            summary = drift.run(settings, days=args.days)
+    verdict = {True: "DRIFT", False: "no drift", None: f"no verdict: {summary.get('reason')}"}[summary["drift_detected"]]
+    lines = [verdict] + [f"  {name:<16} {c['test']:<32} score {c['score']:.4f}{'  drifted' if c['drifted'] else ''}"
+                         for name, c in summary.get("columns", {}).items()]
+    lines.append(f"report: {summary.get('report')}")
+    _emit(args, summary, "\n".join(lines))
+    return 0
+
+
 # ---- parser -------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="start the local fleet (idempotent) and print its URLs")
     p.add_argument("--weights", help="production/candidate split in percent, e.g. 80/20 (default: the last used, or 80/20)")
+    p.add_argument("--with-airflow", action="store_true",
+                   help="also run Airflow (standalone, ~1 GB) with the project's DAGs unpaused, so the hourly evaluation fires")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="stop only what `up` started")
@@ -259,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reason", help="why, for the audit trail")
         p.add_argument("--json", action="store_true", help="print one JSON document")
         p.set_defaults(func=cmd_manual)
+
+    p = sub.add_parser("drift", help="one drift check (the drift DAG's code path), or two raw CSVs compared")
+    p.add_argument("--reference", help="raw CSV to compare against (with --current)")
+    p.add_argument("--current", help="raw CSV to check (with --reference)")
+    p.add_argument("--days", type=float, help="traffic window in days when checking the store (default: settings)")
+    p.add_argument("--report", help="where to write the HTML report for two files (default: the run directory)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_drift)
 
     p = sub.add_parser("history", help="every decision with its numbers")
     p.add_argument("--limit", type=int, default=50, help="how many, newest first (default 50)")

@@ -135,7 +135,34 @@ def collect(settings: Settings, now: dt.datetime | None = None) -> dict:
         out["problems"].append(str(exc))
         stats["variants"] = {v: {"model_version": versions[v]} for v in VARIANTS}
     out["stats"] = stats
+    out["arms"] = arms_check(settings, since)
+    if out["arms"].get("drift_detected"):
+        # Users were assigned at random, so the arms' inputs must look alike; if not, the
+        # split is broken and no comparison between them can be trusted.
+        out["problems"].append("the two arms receive different inputs (columns "
+                               + ", ".join(out["arms"]["drifted_columns"]) + "): is the split broken?")
     return out
+
+
+def arms_check(settings: Settings, since: dt.datetime) -> dict:
+    """Do production and candidate get inputs from the same distribution since the start?"""
+    try:
+        import pandas as pd
+
+        from abfleet import drift
+        from abfleet.store import Store
+    except ImportError as exc:  # Evidently lives in the pipeline extra
+        return {"drift_detected": None, "reason": f"not checked: {exc.name} is not installed"}
+    store = Store(settings.db_url)
+    try:
+        rows = pd.DataFrame(store.predictions_since(since))
+    finally:
+        store.engine.dispose()
+    if rows.empty:
+        return {"drift_detected": None, "reason": "no predictions logged since the candidate started"}
+    arms = {v: rows[rows.variant == v] for v in VARIANTS}
+    policy = drift.DriftPolicy(min_rows=settings.arms_min_rows)
+    return drift.arms_same_distribution(arms["production"], arms["candidate"], policy)
 
 
 def judge(collected: dict, policy: DecisionPolicy | None = None) -> dict:

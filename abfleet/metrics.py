@@ -22,6 +22,8 @@ DRIFT_SHARE = "abfleet_drift_share_drifted"
 DRIFT_DETECTED = "abfleet_drift_detected"
 DRIFT_COLUMN_SCORE = "abfleet_drift_column_score"
 LAST_EVALUATION = "abfleet_last_evaluation_timestamp_seconds"
+DECISIONS = "abfleet_decisions_total"  # labels: decision
+ROUTER_CANDIDATE_WEIGHT = "abfleet_router_candidate_weight"  # percent of users sent to the candidate
 
 # Whole-request latency buckets: fine where the hot path lives, coarse in the tail.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -83,3 +85,38 @@ class ServerMetrics:
             self.quick.labels(variant, version, kind)
         for counter in (self.ape_count, self.ape_sum, self.ape_sum_sq):
             counter.labels(variant, version)
+
+
+class FleetStateCollector:
+    """Pipeline-side facts read from the store at scrape time: the router's weight, the
+    decisions taken, the latest drift summary. Only the production server exports them, so
+    each series exists once."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        try:
+            counts, last = self.store.decision_counts()
+            weight = self.store.get_state("candidate_weight")
+            drift = self.store.get_state("drift_summary")
+        except Exception:  # a store outage must not break the servers' own metrics
+            return
+        if weight is not None:
+            yield GaugeMetricFamily(ROUTER_CANDIDATE_WEIGHT, "Percent of users the router sends to the candidate", value=float(weight))
+        decisions = CounterMetricFamily(_strip_total(DECISIONS), "Evaluation decisions", labels=["decision"])
+        for decision in ("promote", "rollback", "continue"):
+            decisions.add_metric([decision], float(counts.get(decision, 0)))
+        yield decisions
+        if last is not None:
+            yield GaugeMetricFamily(LAST_EVALUATION, "Time of the latest evaluation decision", value=last.timestamp())
+        if drift and drift.get("drift_detected") is not None:
+            yield GaugeMetricFamily(DRIFT_DETECTED, "1 when the latest drift check found drift", value=float(drift["drift_detected"]))
+            yield GaugeMetricFamily(DRIFT_SHARE, "Share of drifted columns", value=float(drift["share_drifted"]))
+            scores = GaugeMetricFamily(DRIFT_COLUMN_SCORE, "Drift score per column", labels=["column"])
+            for column, info in (drift.get("columns") or {}).items():
+                if info.get("score") is not None:
+                    scores.add_metric([column], float(info["score"]))
+            yield scores

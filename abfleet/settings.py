@@ -72,6 +72,14 @@ class Settings:
     # much (relative) worse than production's on the same rows.
     offline_margin: float = 0.05
 
+    # Drift: traffic of the last drift_days days against production's training data; fewer
+    # than drift_min_rows predictions give "insufficient data" (Evidently's tests raise false
+    # alarms below a few hundred rows).
+    drift_days: float = 7.0
+    drift_min_rows: int = 500
+    # The hourly check that both arms get the same inputs needs this many rows in each arm.
+    arms_min_rows: int = 200
+
     workers: int = 2
     # How often a server re-reads its registry alias (seconds).
     reload_interval: float = 15.0

@@ -87,7 +87,13 @@ def services(settings: Settings, *, candidate_weight: int | None = None) -> list
          "--storage.tsdb.retention.time=30d"],
         f"http://{h}:{settings.prometheus_port}/-/ready", "prometheus",
     ))
+    from abfleet import airflow_local  # it builds on this module
+
+    out.append(airflow_local.service(settings))  # started only with --with-airflow
     return out
+
+
+OPTIONAL = ("airflow",)
 
 
 # ---- pid bookkeeping ------------------------------------------------------------
@@ -138,6 +144,12 @@ def prepare(settings: Settings, candidate_weight: int) -> None:
 
     monitoring.write_prometheus_config(settings)
     (run / "state.json").write_text(json.dumps({"candidate_weight": candidate_weight}))
+    from abfleet.store import Store
+
+    store = Store(settings.db_url)
+    store.init_schema()
+    store.set_state("candidate_weight", candidate_weight)  # exported as a gauge for the SRM alert
+    store.engine.dispose()
 
 
 def saved_weight(settings: Settings) -> int:
@@ -148,10 +160,16 @@ def saved_weight(settings: Settings) -> int:
 
 
 def up(settings: Settings, *, candidate_weight: int | None = None, only: tuple[str, ...] | None = None,
-       say: Callable[[str], None] = print) -> dict:
-    """Start whatever is not running yet (all services, or `only` those named); return the status."""
+       with_airflow: bool = False, say: Callable[[str], None] = print) -> dict:
+    """Start whatever is not running yet (all services, or `only` those named); return the status.
+
+    Airflow (about 1 GB of memory) starts only with `with_airflow`; a running one is kept.
+    """
     weight = saved_weight(settings) if candidate_weight is None else candidate_weight
-    todo = [svc for svc in services(settings) if only is None or svc.name in only]
+    wanted = set(only) if only is not None else {s.name for s in services(settings)} - set(OPTIONAL)
+    if with_airflow:
+        wanted.add("airflow")
+    todo = [svc for svc in services(settings) if svc.name in wanted]
     for svc in todo:
         if svc.command[0].endswith("-missing"):
             tool = svc.command[0].removesuffix("-missing")
@@ -170,6 +188,11 @@ def up(settings: Settings, *, candidate_weight: int | None = None, only: tuple[s
                 f"port {svc.port} ({svc.name}) is taken by another process: stop it, or pick another port "
                 f"with ABFLEET_{env_name}_PORT"
             )
+        if svc.name == "airflow":
+            from abfleet import airflow_local
+
+            say("  airflow     preparing its metadata database (first time: ~10 s)")
+            airflow_local.migrate(settings)
         proc = _start(settings, svc)
         _wait_ready(settings, svc, proc)
         say(f"  {svc.name:<11} started on :{svc.port}")
@@ -262,8 +285,10 @@ def status(settings: Settings) -> dict:
     procs = {}
     for svc in services(settings):
         pid = running_pid(settings, svc)
+        if pid is None and svc.name in OPTIONAL:
+            continue  # not asked for: not part of this fleet's status
         procs[svc.name] = {"pid": pid, "port": svc.port, "running": pid is not None,
-                           "healthy": pid is not None and _healthy(svc.health_url), "url": svc.health_url.rsplit("/", 2)[0] if svc.name != "router" else f"http://{settings.host}:{svc.port}/"}
+                           "healthy": pid is not None and _healthy(svc.health_url)}
     try:
         aliases = registry.aliases(settings) if procs["mlflow"]["healthy"] else None
     except registry.RegistryError:
@@ -278,5 +303,6 @@ def status(settings: Settings) -> dict:
             "router": f"http://{settings.host}:{settings.router_port}/",
             "mlflow": settings.tracking_uri,
             "prometheus": f"http://{settings.host}:{settings.prometheus_port}/",
+            **({"airflow": f"http://{settings.host}:{settings.airflow_port}/"} if "airflow" in procs else {}),
         },
     }

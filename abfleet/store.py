@@ -63,6 +63,15 @@ decisions = sa.Table(
     sa.Column("details", sa.Text, nullable=False),
 )
 
+# Small facts about the fleet that several processes need: the router's weight, the latest drift summary.
+fleet_state = sa.Table(
+    "fleet_state",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 FEEDBACK_KIND = {"rating": "rating", "accurate": "quick", "too_high": "quick", "too_low": "quick", "actual_price": "actual_price"}
 
 
@@ -171,6 +180,14 @@ class Store:
             rows = conn.execute(sa.select(feedback).where(feedback.c.prediction_id == prediction_id)).mappings().all()
         return [dict(r) for r in rows]
 
+    def actual_prices_since(self, since: dt.datetime) -> dict[str, float]:
+        """prediction id → the actual price a user reported, for predictions made since then."""
+        query = (sa.select(feedback.c.prediction_id, feedback.c.feedback_value)
+                 .join(predictions, predictions.c.id == feedback.c.prediction_id)
+                 .where(feedback.c.kind == "actual_price", predictions.c.created_at >= since))
+        with self.engine.connect() as conn:
+            return {pid: float(value) for pid, value in conn.execute(query).all()}
+
     # ---- decisions ---------------------------------------------------------
     def record_decision(self, decision: str, source: str, applied: bool, reasons: list[str], details: dict,
                         production_version: str | None, candidate_version: str | None) -> int:
@@ -181,6 +198,27 @@ class Store:
                 production_version=production_version, candidate_version=candidate_version,
             ))
             return int(result.inserted_primary_key[0])
+
+    def decision_counts(self) -> tuple[dict[str, int], dt.datetime | None]:
+        """Decisions by kind, and the time of the latest one (None when there was none)."""
+        with self.engine.connect() as conn:
+            counts = dict(conn.execute(sa.select(decisions.c.decision, sa.func.count()).group_by(decisions.c.decision)).all())
+            last = conn.execute(sa.select(sa.func.max(decisions.c.created_at))).scalar_one()
+        if last is not None and last.tzinfo is None:  # SQLite hands back naive UTC
+            last = last.replace(tzinfo=dt.timezone.utc)
+        return {k: int(v) for k, v in counts.items()}, last
+
+    # ---- fleet state -------------------------------------------------------
+    def set_state(self, key: str, value) -> None:
+        row = {"key": key, "value": json.dumps(value), "updated_at": now()}
+        with self.engine.begin() as conn:
+            if conn.execute(sa.update(fleet_state).where(fleet_state.c.key == key).values(**row)).rowcount == 0:
+                conn.execute(fleet_state.insert(), [row])
+
+    def get_state(self, key: str, default=None):
+        with self.engine.connect() as conn:
+            value = conn.execute(sa.select(fleet_state.c.value).where(fleet_state.c.key == key)).scalar_one_or_none()
+        return default if value is None else json.loads(value)
 
     def decision_history(self, limit: int = 100) -> list[dict]:
         with self.engine.connect() as conn:

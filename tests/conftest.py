@@ -39,7 +39,8 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25, what: str
 def fleet_settings(run_dir: Path, **overrides) -> Settings:
     ports = {name: free_port() for name in
              ("router_port", "production_port", "candidate_port", "mlflow_port", "prometheus_port", "airflow_port")}
-    return Settings(run_dir=run_dir, reload_interval=2.0, admin_token="test-token", **{**ports, **overrides})
+    defaults = {"reload_interval": 2.0, "admin_token": "test-token"}
+    return Settings(run_dir=run_dir, **{**defaults, **ports, **overrides})
 
 
 @pytest.fixture(scope="session")

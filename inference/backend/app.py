@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from abfleet import data
-from abfleet.metrics import ServerMetrics
+from abfleet.metrics import FleetStateCollector, ServerMetrics
 from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
 from abfleet.store import Duplicate, NotFound, Store
@@ -39,7 +39,8 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
 
     def on_swap(old, new) -> None:
         if old is not None:
-            metrics.model_info.remove(settings.variant, old.version, old.alias, str(old.fallback).lower())
+            # multiprocess mode cannot remove a series: the old one drops to 0 (queries keep > 0)
+            metrics.model_info.labels(settings.variant, old.version, old.alias, str(old.fallback).lower()).set(0)
             metrics.swaps.labels(settings.variant).inc()
         metrics.model_info.labels(settings.variant, new.version, new.alias, str(new.fallback).lower()).set(1)
         metrics.prime(settings.variant, new.version, PREDICT)
@@ -53,6 +54,8 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
 
     # The fleet's vocabulary, so both variants accept the same locations whatever their data.
     vocabulary = data.known_locations()
+    fleet_registry = CollectorRegistry()
+    fleet_registry.register(FleetStateCollector(store))
     app.extensions["abfleet"] = {"settings": settings, "holder": holder, "store": store, "metrics": metrics}
     variant = settings.variant
 
@@ -185,6 +188,13 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             body["note"] = "no candidate in the registry: serving the production model"
         return jsonify(body), 200 if body["status"] == "ok" else 503
 
+    @app.get("/api/drift_report")
+    def drift_report():
+        summary = store.get_state("drift_summary")
+        if summary is None:
+            return refuse("no drift check has run yet: the daily drift_monitoring DAG or `abfleet drift` makes one", None, 404)
+        return jsonify(summary)
+
     @app.post("/api/admin/reload")
     def reload_model():
         token = settings.admin_token
@@ -205,6 +215,9 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             multiprocess.MultiProcessCollector(registry)
         else:
             registry = metrics.registry
-        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+        body = generate_latest(registry)
+        if variant == "production":
+            body += generate_latest(fleet_registry)
+        return Response(body, mimetype=CONTENT_TYPE_LATEST)
 
     return app

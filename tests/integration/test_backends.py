@@ -40,7 +40,10 @@ def test_every_answered_prediction_is_stored_in_postgresql(fleet, postgres_url, 
     proc = _start_server(settings, tmp_path)
     try:
         url = f"http://{settings.host}:{port}"
-        wait_for(lambda: _health(url).get("model_version") == fleet.versions["production"], 60, what="server on PostgreSQL")
+        try:
+            wait_for(lambda: _health(url).get("model_version") == fleet.versions["production"], 90, what="server on PostgreSQL")
+        except AssertionError:
+            raise AssertionError(f"{_health(url)}\n{(tmp_path / 'production.log').read_text()[-3000:]}") from None
 
         def ask(i):
             r = requests.post(f"{url}/api/predict_home_price", json={**FLAT, "bhk": 1 + i % 4}, headers={"X-User-Id": f"pg-{i}"}, timeout=20)

@@ -1,0 +1,52 @@
+"""train_candidate: train on the newest dataset and offer the result as @candidate."""
+
+from __future__ import annotations
+
+import datetime
+
+import pendulum
+
+from airflow.sdk import dag, task
+
+
+@dag(
+    dag_id="train_candidate",
+    schedule="@weekly",
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["abfleet"],
+    default_args={"retries": 0, "execution_timeout": datetime.timedelta(hours=1)},
+)
+def train_candidate():
+    """
+    ### Train a candidate
+
+    Weekly, on demand, or when the drift DAG triggers it (`TriggerDagRunOperator` with
+    `trigger_dag_id="train_candidate"`, optionally `conf={"reason": "..."}`).
+    `train` fits a model on the newest dataset in the object store, compares it offline
+    with production, registers it, and sets @candidate only when it is not worse by more
+    than the configured margin. `report` says what happened and why.
+    """
+
+    @task
+    def train() -> dict:
+        """`abfleet.train.train_candidate`: the registered version and whether it became @candidate."""
+        from abfleet import train as training
+        from abfleet.settings import Settings
+
+        return training.train_candidate(Settings.from_env(), progress=print)
+
+    @task
+    def report(result: dict, dag_run=None) -> dict:
+        """One line for the log, the result for XCom."""
+        reason = (dag_run.conf or {}).get("reason") if dag_run is not None else None
+        verdict = "now @candidate" if result.get("candidate_set") else "not offered as @candidate"
+        print(f"version {result.get('version')} {verdict}: {result.get('reason')}"
+              + (f" (run reason: {reason})" if reason else ""))
+        return {**result, "run_reason": reason}
+
+    report(train())
+
+
+train_candidate()
