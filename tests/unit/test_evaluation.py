@@ -50,3 +50,31 @@ def test_webhook_receives_the_decision_and_a_dead_one_is_not_fatal():
     dead = Settings(webhook_url=f"http://127.0.0.1:{free_port()}/hook")
     assert evaluation.notify(dead, {"decision": "promote"}).startswith("failed")
     assert evaluation.notify(Settings(), {"decision": "promote"}) is None
+
+
+def test_arms_check_flags_arms_that_receive_different_inputs(tmp_path):
+    import datetime as dt
+    import uuid
+
+    from abfleet import data
+    from abfleet.store import Store
+
+    settings = Settings(run_dir=tmp_path, arms_min_rows=200)
+    store = Store(settings.db_url)
+    store.init_schema()
+    since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)
+    frame = data.clean(data.synth(3000, seed=50)).frame.sample(frac=1, random_state=1)  # synth rows come in blocks
+
+    def log(rows, variant):
+        store.record_predictions([{"id": uuid.uuid4().hex, "variant": variant, "model_version": "1", "location": r.location,
+                                   "total_sqft": float(r.total_sqft), "bhk": int(r.bhk), "bath": int(r.bath),
+                                   "estimated_price": 50.0, "latency_ms": 1.0, "user_id": None} for r in rows.itertuples()])
+
+    log(frame.iloc[:1200], "production")
+    log(frame.iloc[1200:1500], "candidate")
+    assert evaluation.arms_check(settings, since)["drift_detected"] is False
+    big = frame.iloc[1500:].copy()
+    big = big[big.bhk >= 3]  # a broken split: only large flats reach the candidate
+    log(big.head(400), "candidate")
+    verdict = evaluation.arms_check(settings, since)
+    assert verdict["drift_detected"] is True and "bhk" in verdict["drifted_columns"]
