@@ -31,6 +31,13 @@ _multiproc = Path(os.environ.setdefault(
 def on_starting(server):
     shutil.rmtree(_multiproc, ignore_errors=True)
     _multiproc.mkdir(parents=True, exist_ok=True)
+    # Create the tables once, in the master: workers racing to CREATE TABLE on PostgreSQL
+    # fail with a unique violation, and a worker that fails to boot stops gunicorn.
+    from abfleet.store import Store
+
+    store = Store(_settings.db_url)
+    store.init_schema()
+    store.engine.dispose()
 
 
 def child_exit(server, worker):
