@@ -163,6 +163,17 @@ def _check(r: requests.Response, what: str) -> dict:
     return r.json()
 
 
+def _write(s: requests.Session, method: str, url: str, body: dict, what: str, tries: int = 6) -> dict:
+    """A write through the API, retried while SQLite is busy: Airflow's own tasks hold its
+    single writer lock for seconds, and the API then answers 500 ("database is locked")."""
+    for attempt in range(tries):
+        r = s.request(method, url, json=body, timeout=30)
+        if r.status_code < 500 or attempt == tries - 1:
+            return _check(r, what)
+        time.sleep(2)
+    raise AssertionError("unreachable")
+
+
 def healthy(settings: Settings) -> bool:
     """True when the API server answers and the metadata database and scheduler are healthy."""
     try:
@@ -186,7 +197,7 @@ def wait_for_dag(settings: Settings, dag_id: str, *, timeout: float = 120.0, ses
 def set_paused(settings: Settings, dag_id: str, paused: bool) -> None:
     s = _session(settings)
     wait_for_dag(settings, dag_id, session=s)
-    _check(s.patch(f"{api_url(settings)}/api/v2/dags/{dag_id}", json={"is_paused": paused}, timeout=30),
+    _write(s, "PATCH", f"{api_url(settings)}/api/v2/dags/{dag_id}", {"is_paused": paused},
            f"{'pause' if paused else 'unpause'} {dag_id}")
 
 
@@ -195,7 +206,7 @@ def trigger_dag(settings: Settings, dag_id: str, conf: dict | None = None, *, ti
     s = _session(settings)
     wait_for_dag(settings, dag_id, timeout=timeout, session=s)
     body = {"logical_date": None, "conf": conf or {}}
-    run = _check(s.post(f"{api_url(settings)}/api/v2/dags/{dag_id}/dagRuns", json=body, timeout=30), f"trigger {dag_id}")
+    run = _write(s, "POST", f"{api_url(settings)}/api/v2/dags/{dag_id}/dagRuns", body, f"trigger {dag_id}")
     return run["dag_run_id"]
 
 

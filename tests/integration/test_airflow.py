@@ -60,7 +60,7 @@ def _task_logs(settings, dag_id: str, run_id: str) -> str:
 
 def test_standalone_runs_the_evaluation_on_trigger(fleet, airflow_server):
     settings = airflow_server
-    for dag_id in ("train_candidate", "evaluate_ab"):
+    for dag_id in ("train_candidate", "drift_monitoring", "evaluate_ab"):
         airflow_local.set_paused(settings, dag_id, dag_id != "evaluate_ab")
     seen = {d["id"] for d in fleet.store.decision_history()}
 
