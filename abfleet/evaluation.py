@@ -58,40 +58,57 @@ def prometheus_url(settings: Settings) -> str:
     return settings.prometheus_url or f"http://{settings.host}:{settings.prometheus_port}"
 
 
-# PromQL lives here, as named templates, one place.
-QUERIES = {
-    "requests": f'sum(increase({m.REQUESTS}{{variant="{{v}}",model_version="{{mv}}",endpoint="{PREDICT}"}}[{{w}}]))',
-    "errors": f'sum(increase({m.REQUESTS}{{variant="{{v}}",model_version="{{mv}}",endpoint="{PREDICT}",status=~"5.."}}[{{w}}]))',
-    "latency_p95": f'histogram_quantile(0.95, sum by (le) (increase({m.LATENCY}_bucket{{variant="{{v}}",endpoint="{PREDICT}"}}[{{w}}])))',
-    "latency_mean": (f'sum(increase({m.LATENCY}_sum{{variant="{{v}}",endpoint="{PREDICT}"}}[{{w}}]))'
-                     f' / sum(increase({m.LATENCY}_count{{variant="{{v}}",endpoint="{PREDICT}"}}[{{w}}]))'),
-    "ratings": f'sum by (stars) (increase({m.RATINGS}{{variant="{{v}}",model_version="{{mv}}"}}[{{w}}]))',
-    "quick": f'sum by (kind) (increase({m.QUICK_FEEDBACK}{{variant="{{v}}",model_version="{{mv}}"}}[{{w}}]))',
-    "ape_count": f'sum(increase({m.APE_COUNT}{{variant="{{v}}",model_version="{{mv}}"}}[{{w}}]))',
-    "ape_sum": f'sum(increase({m.APE_SUM}{{variant="{{v}}",model_version="{{mv}}"}}[{{w}}]))',
-    "ape_sum_sq": f'sum(increase({m.APE_SUM_SQ}{{variant="{{v}}",model_version="{{mv}}"}}[{{w}}]))',
+# PromQL lives here, one place. Counts since the experiment started are the counter now
+# minus the counter at the start (`@ since`), which is exact at any window length;
+# increase() extrapolates at its window's edges (by up to a scrape interval, so by a fifth
+# in a 30-second window), and is used only when a server restarted and reset a counter.
+SELECTORS = {
+    "requests": f'{m.REQUESTS}{{variant="{{v}}",model_version="{{mv}}",endpoint="{PREDICT}"}}',
+    "errors": f'{m.REQUESTS}{{variant="{{v}}",model_version="{{mv}}",endpoint="{PREDICT}",status=~"5.."}}',
+    "latency_bucket": f'{m.LATENCY}_bucket{{variant="{{v}}",endpoint="{PREDICT}"}}',
+    "latency_sum": f'{m.LATENCY}_sum{{variant="{{v}}",endpoint="{PREDICT}"}}',
+    "latency_count": f'{m.LATENCY}_count{{variant="{{v}}",endpoint="{PREDICT}"}}',
+    "ratings": f'{m.RATINGS}{{variant="{{v}}",model_version="{{mv}}"}}',
+    "quick": f'{m.QUICK_FEEDBACK}{{variant="{{v}}",model_version="{{mv}}"}}',
+    "ape_count": f'{m.APE_COUNT}{{variant="{{v}}",model_version="{{mv}}"}}',
+    "ape_sum": f'{m.APE_SUM}{{variant="{{v}}",model_version="{{mv}}"}}',
+    "ape_sum_sq": f'{m.APE_SUM_SQ}{{variant="{{v}}",model_version="{{mv}}"}}',
 }
+
+
+def since_start(selector: str, by: str, since: float, window: str, reset: bool) -> str:
+    """The growth of a counter since `since` (unix time), summed `by` a label list."""
+    group = f"sum by ({by})" if by else "sum"
+    if reset:
+        return f"{group} (increase({selector}[{window}]))"
+    # Series born after the start have no value `@ since`: `or ... * 0` counts them from zero.
+    return f"{group} ({selector}) - ({group} ({selector} @ {since:.3f}) or {group} ({selector}) * 0)"
 
 
 def _count(x: float | None) -> int | None:
     return None if x is None else int(round(x))
 
 
-def variant_stats(prom: Prometheus, variant: str, version: str, window: str) -> dict[str, Any]:
-    """One arm's numbers over the window, in the decision input's shape."""
-    q = {name: t.replace("{v}", variant).replace("{mv}", version).replace("{w}", window) for name, t in QUERIES.items()}
-    p95 = prom.scalar(q["latency_p95"])
-    mean = prom.scalar(q["latency_mean"])
-    ape_count = _count(prom.scalar(q["ape_count"]))
+def variant_stats(prom: Prometheus, variant: str, version: str, since: float, window: str) -> dict[str, Any]:
+    """One arm's numbers since the experiment started, in the decision input's shape."""
+    sel = {name: t.replace("{v}", variant).replace("{mv}", version) for name, t in SELECTORS.items()}
+    reset = bool(prom.scalar(f'sum(resets({sel["requests"]}[{window}]))'))
+
+    def grow(name: str, by: str = "") -> str:
+        return since_start(sel[name], by, since, window, reset)
+
+    p95 = prom.scalar(f'histogram_quantile(0.95, {grow("latency_bucket", "le")})')
+    mean = prom.scalar(f'({grow("latency_sum")}) / ({grow("latency_count")})')
     return {
         "model_version": version,
-        "requests": _count(prom.scalar(q["requests"])),
-        "errors": _count(prom.scalar(q["errors"])) or 0,
+        "requests": _count(prom.scalar(grow("requests"))),
+        "errors": _count(prom.scalar(grow("errors"))) or 0,
         "latency_p95_ms": None if p95 is None else round(p95 * 1000, 3),
         "latency_mean_ms": None if mean is None else round(mean * 1000, 3),
-        "ratings": {stars: _count(v) for stars, v in sorted(prom.by_label(q["ratings"], "stars").items())},
-        "quick": {kind: _count(v) for kind, v in sorted(prom.by_label(q["quick"], "kind").items())},
-        "ape": {"count": ape_count or 0, "sum": prom.scalar(q["ape_sum"]) or 0.0, "sum_sq": prom.scalar(q["ape_sum_sq"]) or 0.0},
+        "ratings": {stars: _count(v) for stars, v in sorted(prom.by_label(grow("ratings", "stars"), "stars").items())},
+        "quick": {kind: _count(v) for kind, v in sorted(prom.by_label(grow("quick", "kind"), "kind").items())},
+        "ape": {"count": _count(prom.scalar(grow("ape_count"))) or 0, "sum": prom.scalar(grow("ape_sum")) or 0.0,
+                "sum_sq": prom.scalar(grow("ape_sum_sq")) or 0.0},
     }
 
 
@@ -122,14 +139,16 @@ def collect(settings: Settings, now: dt.datetime | None = None) -> dict:
         return out
     since = _since(settings, versions["candidate"])
     out["since"] = since.isoformat(timespec="seconds")
-    seconds = max(60, int((now - since).total_seconds()))
+    # Exactly the experiment: a window reaching back before `since` would count the
+    # production traffic of an earlier experiment and skew the split.
+    seconds = max(1, int((now - since).total_seconds()))
     weight = stack.saved_weight(settings) / 100.0
     stats: dict[str, Any] = {"window_hours": round(seconds / 3600.0, 4),
                              "weights": {"production": round(1 - weight, 4), "candidate": weight}, "variants": {}}
     prom = Prometheus(prometheus_url(settings))
     try:
         for variant in VARIANTS:
-            stats["variants"][variant] = variant_stats(prom, variant, versions[variant], f"{seconds}s")
+            stats["variants"][variant] = variant_stats(prom, variant, versions[variant], since.timestamp(), f"{seconds}s")
     except PrometheusError as exc:
         # No numbers: the decision sees missing data, which never promotes.
         out["problems"].append(str(exc))
@@ -247,7 +266,8 @@ def _record(settings: Settings, record: dict, outcome: dict, collected: dict) ->
     from abfleet.store import Store
 
     details = {"stats": collected.get("stats"), "checks": outcome.get("checks"), "score": outcome.get("score"),
-               "flags": outcome.get("flags", []), "action": record.get("action"), "since": collected.get("since")}
+               "flags": outcome.get("flags", []), "action": record.get("action"), "since": collected.get("since"),
+               "arms": collected.get("arms"), "problems": collected.get("problems")}
     store = Store(settings.db_url)
     store.init_schema()
     decision_id = store.record_decision(record["decision"], record["source"], record["applied"], record["reasons"],

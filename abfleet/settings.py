@@ -77,8 +77,9 @@ class Settings:
     # alarms below a few hundred rows).
     drift_days: float = 7.0
     drift_min_rows: int = 500
-    # The hourly check that both arms get the same inputs needs this many rows in each arm.
-    arms_min_rows: int = 200
+    # The hourly check that both arms get the same inputs needs this many rows in each arm:
+    # Evidently's drift thresholds flag same-distribution samples of a few hundred rows.
+    arms_min_rows: int = 1000
 
     workers: int = 2
     # How often a server re-reads its registry alias (seconds).
