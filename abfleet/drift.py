@@ -1,7 +1,8 @@
 """Input drift: Evidently's DataDriftPreset between a reference frame and a current frame.
 
-Pure computation (no server, store or object-store I/O). Evidently is imported lazily, so this
-module imports in the serving image too; only `check` and its callers need the `pipeline` extra.
+`check` is pure computation; the drift job at the end of the module (`run`) adds the I/O the
+daily DAG and `abfleet drift` need. Evidently is imported lazily, so this module imports in
+the serving image too; only `check` and its callers need the `pipeline` extra.
 
 Per-column tests are Evidently 0.7's defaults, which it picks from the *reference* size:
 reference > 1000 rows: location -> "Jensen-Shannon distance"; numerical columns with > 5 distinct
@@ -19,7 +20,6 @@ measured (score ~0.11 at 5000 vs 5000 rows, ~0.47 at 100 current rows; threshold
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from abfleet import data, metrics
+from abfleet import data
 
 DRIFT_COLUMNS: list[str] = list(data.FEATURES)  # ["location", "total_sqft", "bhk", "bath"]
 PREDICTION: str = "estimated_price"
@@ -119,38 +119,6 @@ def arms_same_distribution(production_inputs: pd.DataFrame, candidate_inputs: pd
         return frame[[c for c in frame.columns if c in DRIFT_COLUMNS]]  # missing ones: ValueError in check
 
     return check(features(production_inputs), features(candidate_inputs), policy).summary
-
-
-class _DriftGauges:
-    def __init__(self, registry: Any) -> None:
-        from prometheus_client import Gauge
-
-        self.share = Gauge(metrics.DRIFT_SHARE, "Share of input columns drifted (NaN: unknown)", registry=registry)
-        self.detected = Gauge(metrics.DRIFT_DETECTED, "1 if dataset drift detected, 0 if not, NaN if unknown",
-                              registry=registry)
-        self.column = Gauge(metrics.DRIFT_COLUMN_SCORE, "Per-column drift score (distance, or p-value for *p_value "
-                            "tests)", ["column"], registry=registry)
-
-
-_GAUGES: "weakref.WeakKeyDictionary[Any, _DriftGauges]" = weakref.WeakKeyDictionary()
-
-
-def export_gauges(summary: dict[str, Any], registry: Any) -> None:
-    """Set the drift gauges in `registry` (a prometheus_client CollectorRegistry) from a summary.
-
-    Gauges are created on first use per registry and reused after. Unknown drift (None) sets
-    share and detected to NaN; column scores are replaced, so only this summary's columns remain.
-    """
-    gauges = _GAUGES.get(registry)
-    if gauges is None:
-        gauges = _GAUGES[registry] = _DriftGauges(registry)
-    detected, share = summary.get("drift_detected"), summary.get("share_drifted")
-    gauges.detected.set(math.nan if detected is None else float(detected))
-    gauges.share.set(math.nan if share is None else float(share))
-    gauges.column.clear()
-    for name, col in summary.get("columns", {}).items():
-        if col.get("score") is not None:
-            gauges.column.labels(column=name).set(float(col["score"]))
 
 
 def report_key(now: datetime) -> str:

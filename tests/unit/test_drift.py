@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from prometheus_client import CollectorRegistry
 
 from abfleet import data as D
-from abfleet import drift, metrics
+from abfleet import drift
 
 CONTRACT_KEYS = {"drift_detected", "share_drifted", "drifted_columns", "columns", "reference_rows", "current_rows"}
 
@@ -100,20 +98,6 @@ def test_estimated_price_compared_only_when_in_both(reference: pd.DataFrame, sam
     assert "estimated_price" not in drift.check(reference, cur).summary["columns"]  # skipped on reference
     s = drift.check(reference.assign(estimated_price=reference["price"]), cur).summary
     assert s["columns"]["estimated_price"]["drifted"] is False
-
-
-def test_export_gauges(drifted: drift.DriftResult, reference: pd.DataFrame) -> None:
-    registry = CollectorRegistry()
-    drift.export_gauges(drifted.summary, registry)
-    assert registry.get_sample_value(metrics.DRIFT_DETECTED) == 1.0
-    assert registry.get_sample_value(metrics.DRIFT_SHARE) == pytest.approx(drifted.summary["share_drifted"])
-    for name, col in drifted.summary["columns"].items():
-        assert registry.get_sample_value(metrics.DRIFT_COLUMN_SCORE, {"column": name}) == pytest.approx(col["score"])
-    # Exporting again reuses the gauges; an unknown result clears scores and reads NaN.
-    drift.export_gauges(drift.check(reference, reference.head(5)).summary, registry)
-    assert math.isnan(registry.get_sample_value(metrics.DRIFT_DETECTED))
-    assert math.isnan(registry.get_sample_value(metrics.DRIFT_SHARE))
-    assert registry.get_sample_value(metrics.DRIFT_COLUMN_SCORE, {"column": "location"}) is None
 
 
 def test_report_key() -> None:
