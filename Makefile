@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install-system:
 	@bash scripts/install-system.sh nginx prometheus
+	@bash scripts/install-system.sh wrk || echo "wrk missing and not root: only \`abfleet bench\` needs it"
 
 demo: install install-system
 	$(BIN)/python -m abfleet.demo

@@ -295,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_drift)
 
+    from abfleet import bench, load  # light modules: their heavy imports happen in their commands
+
+    load.add_load_parser(sub)
+    bench.add_bench_parser(sub)
+
     p = sub.add_parser("history", help="every decision with its numbers")
     p.add_argument("--limit", type=int, default=50, help="how many, newest first (default 50)")
     p.add_argument("--json", action="store_true", help="print one JSON document")

@@ -1,0 +1,156 @@
+"""Load tests: realistic requests, and `abfleet load` (Locust, headless, against the router).
+
+Locust runs in a process of its own: it monkey-patches the standard library with gevent at
+import, which breaks a process that has imported MLflow (and the other way round). Nothing
+here imports MLflow; `tests/load/locustfile.py` imports only `realistic_rows`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from abfleet.settings import Settings, project_root
+
+LOCUSTFILE = Path("tests") / "load" / "locustfile.py"
+
+
+def realistic_rows(n: int = 2000, seed: int = 0) -> list[dict]:
+    """Flats people would ask about, with their true price: the real Kaggle rows when the
+    dataset is present, else seeded synthetic ones; cleaned, limited to locations the fleet
+    knows and to the API's bounds (inference/backend/schemas.py)."""
+    import numpy as np
+
+    from abfleet import data
+    from inference.backend.schemas import MAX_BATH, MAX_BHK, MAX_SQFT, MIN_SQFT
+
+    raw = data.read_raw(data.REAL_DATASET) if data.real_dataset_available() else data.synth(max(n * 2, 1000), seed)
+    frame = data.clean(raw).frame
+    known = data.known_locations()
+    frame = frame[frame["location"].isin(known) & frame["total_sqft"].between(MIN_SQFT, MAX_SQFT)
+                  & frame["bhk"].between(1, MAX_BHK) & frame["bath"].between(1, MAX_BATH)]
+    if len(frame) > n:
+        frame = frame.iloc[np.random.default_rng(seed).permutation(len(frame))[:n]]
+    return [{"location": str(r.location), "total_sqft": float(r.total_sqft), "bhk": int(r.bhk),
+             "bath": int(r.bath), "price": float(r.price)} for r in frame.itertuples()]
+
+
+def stars_for(estimate: float, actual: float) -> int:
+    """The star rating a person who knows the true price gives an estimate, by its APE."""
+    ape = abs(estimate - actual) / actual
+    for stars, limit in ((5, 0.10), (4, 0.20), (3, 0.35), (2, 0.60)):
+        if ape <= limit:
+            return stars
+    return 1
+
+
+# ---- abfleet load ----------------------------------------------------------------------
+
+def run(settings: Settings, users: int, duration: float, *, spawn_rate: float | None = None,
+        out_dir: Path | None = None, say=print) -> dict:
+    """Run Locust headless against the router for `duration` seconds; return a summary.
+
+    CSV stats (`stats_*.csv`) and the HTML report (`report.html`) go to `out_dir`
+    (default: <run_dir>/load/<timestamp>/).
+    """
+    if users < 1 or duration <= 0:
+        raise ValueError("--users must be at least 1 and --duration above 0")
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(out_dir) if out_dir else settings.run_dir / "load" / stamp
+    out_dir.mkdir(parents=True, exist_ok=True)
+    host = f"http://{settings.host}:{settings.router_port}"
+    locust = Path(sys.executable).parent / "locust"
+    if not locust.exists():
+        raise FileNotFoundError("locust is not installed in this environment: run `make install`")
+    rate = spawn_rate or max(1.0, users / 2.0)
+    argv = [str(locust), "-f", str(project_root() / LOCUSTFILE), "--headless", "--host", host,
+            "--users", str(users), "--spawn-rate", f"{rate:g}", "--run-time", f"{max(1, round(duration))}s",
+            "--stop-timeout", "10", "--csv", str(out_dir / "stats"), "--html", str(out_dir / "report.html"),
+            "--only-summary", "--loglevel", "WARNING", "--exit-code-on-error", "1"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project_root()), os.environ.get("PYTHONPATH")]))}
+    log_path = out_dir / "locust.log"
+    say(f"locust: {users} users for {duration:g}s against {host}; output in {out_dir}")
+    with log_path.open("wb") as log:
+        proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=project_root(),
+                              timeout=duration + 120)
+    summary = summarize(out_dir)
+    summary.update({"users": users, "duration_s": duration, "host": host, "run_dir": str(out_dir),
+                    "report": str(out_dir / "report.html"), "locust_exit_code": proc.returncode})
+    if not (out_dir / "stats_stats.csv").exists():
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"locust wrote no statistics (exit code {proc.returncode}); see {log_path}: {tail.strip().splitlines()[-1:] }")
+    return summary
+
+
+def summarize(out_dir: Path) -> dict:
+    """Totals and per-endpoint numbers from Locust's `stats_stats.csv`."""
+    endpoints, total = {}, None
+    path = out_dir / "stats_stats.csv"
+    if path.exists():
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                item = {"requests": int(row["Request Count"]), "failures": int(row["Failure Count"]),
+                        "rps": float(row["Requests/s"]), "p50_ms": _num(row.get("50%")),
+                        "p99_ms": _num(row.get("99%")), "mean_ms": _num(row.get("Average Response Time"))}
+                if row["Name"] == "Aggregated":
+                    total = item
+                else:
+                    endpoints[f"{row['Type']} {row['Name']}"] = item
+    failures = []
+    fpath = out_dir / "stats_failures.csv"
+    if fpath.exists():
+        with fpath.open(newline="") as f:
+            failures = [{"endpoint": f"{r['Method']} {r['Name']}", "error": r["Error"], "count": int(r["Occurrences"])}
+                        for r in csv.DictReader(f)]
+    total = total or {"requests": 0, "failures": 0, "rps": 0.0, "p50_ms": None, "p99_ms": None, "mean_ms": None}
+    return {"total": total, "endpoints": endpoints, "failure_details": failures}
+
+
+def _num(text: str | None) -> float | None:
+    try:
+        return float(text) if text not in (None, "", "N/A") else None
+    except ValueError:
+        return None
+
+
+def _text(summary: dict) -> str:
+    t = summary["total"]
+    lines = [f"{t['requests']} requests, {t['failures']} failed, {t['rps']:.1f} req/s, "
+             f"p50 {t['p50_ms']} ms, p99 {t['p99_ms']} ms"]
+    for name, e in summary["endpoints"].items():
+        lines.append(f"  {name:<40} {e['requests']:>7} req  {e['failures']:>5} failed  p50 {e['p50_ms']} ms  p99 {e['p99_ms']} ms")
+    for f in summary["failure_details"]:
+        lines.append(f"  FAILED {f['count']}x {f['endpoint']}: {f['error']}")
+    lines.append(f"report: {summary['report']}")
+    return "\n".join(lines)
+
+
+def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
+    """`abfleet load`: exit 1 when any request failed (or Locust did)."""
+    summary = run(settings, args.users, args.duration, spawn_rate=args.spawn_rate,
+                  say=lambda m: print(m, file=sys.stderr, flush=True))
+    if getattr(args, "json", False):
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(_text(summary))
+    failed = summary["total"]["failures"] > 0 or summary["total"]["requests"] == 0 or summary["locust_exit_code"] != 0
+    if failed:
+        print(f"abfleet load: {summary['total']['failures']} of {summary['total']['requests']} requests failed "
+              f"(locust exit code {summary['locust_exit_code']}): see {summary['report']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def add_load_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("load", help="Locust, headless, against the router")
+    p.add_argument("--users", type=int, default=20, help="simulated users (default 20)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of load (default 30)")
+    p.add_argument("--spawn-rate", type=float, help="users started per second (default: users/2)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_load)
+    return p

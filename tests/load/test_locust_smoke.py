@@ -1,0 +1,49 @@
+"""`abfleet load` for a few seconds against the live fleet: nothing fails, the report is written."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+
+import pytest
+
+from abfleet import load
+
+@pytest.mark.slow
+def test_short_locust_run_has_no_failures_and_writes_its_report(fleet, capsys):
+    parser = argparse.ArgumentParser()
+    load.add_load_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["load", "--users", "10", "--duration", "10"])
+    code = args.func(args, fleet.settings)
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    runs = sorted((fleet.settings.run_dir / "load").iterdir())
+    assert runs, "no run directory under <run_dir>/load"
+    run = runs[-1]
+    assert (run / "report.html").stat().st_size > 0
+    with (run / "stats_stats.csv").open(newline="") as f:
+        rows = {r["Name"]: r for r in csv.DictReader(f)}
+    assert int(rows["Aggregated"]["Failure Count"]) == 0
+    assert int(rows["/api/predict_home_price"]["Request Count"]) > 0
+    # People rated some answers, and the router kept each of them on one variant (checked per answer).
+    assert any(name.startswith("/api/feedback") for name in rows), list(rows)
+
+
+def test_stars_follow_the_error():
+    assert load.stars_for(100, 100) == 5
+    assert load.stars_for(115, 100) == 4
+    assert load.stars_for(70, 100) == 3
+    assert load.stars_for(150, 100) == 2
+    assert load.stars_for(300, 100) == 1
+
+
+def test_realistic_rows_fit_the_api_and_the_fleet_vocabulary():
+    from abfleet import data
+    from inference.backend.schemas import PredictRequest
+
+    rows = load.realistic_rows(300, seed=3)
+    assert len(rows) == 300
+    known = data.known_locations()
+    for row in rows:
+        PredictRequest.model_validate({k: row[k] for k in ("location", "total_sqft", "bhk", "bath")})
+        assert row["location"] in known and row["price"] > 0
