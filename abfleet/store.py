@@ -245,7 +245,12 @@ class Store:
 
     def get_prediction(self, prediction_id: str) -> dict | None:
         row = self._select_prediction(prediction_id)
-        if row is None and self._find_spooled(prediction_id):
+        if row is None:
+            # Not inserted when we looked: it may still be in a spool file. Look there, then
+            # look in the table again whatever the spools said. A spooled line is removed only
+            # after the INSERT holding it committed, so a row that left the spools between our
+            # first SELECT and our read of the files is visible to the second SELECT.
+            self._find_spooled(prediction_id)
             row = self._select_prediction(prediction_id)
         return row
 
