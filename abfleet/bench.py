@@ -219,7 +219,8 @@ def run(settings: Settings, *, duration: float = DURATION_S, connections: int = 
     try:
         version = registry.version_for(settings, "production")
     except registry.RegistryError as exc:
-        raise BenchError(str(exc)) from None
+        raise BenchError(f"{exc}\n(the benchmark reads the @production model from the registry: "
+                         "`abfleet up` starts the local stack's)") from None
     if version is None:
         raise BenchError(f"no @production model in the registry at {settings.tracking_uri}: train one first")
 

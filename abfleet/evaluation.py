@@ -33,9 +33,10 @@ class Prometheus:
     def __init__(self, url: str, timeout: float = 10.0):
         self.url, self.timeout = url.rstrip("/"), timeout
 
-    def query(self, expr: str) -> list[dict]:
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
         try:
-            r = requests.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=self.timeout)
+            r = requests.get(f"{self.url}/api/v1/query", params=params, timeout=self.timeout)
             body = r.json()
         except (requests.RequestException, ValueError) as exc:
             raise PrometheusError(f"Prometheus at {self.url} unreachable: {type(exc).__name__}") from None
@@ -52,6 +53,11 @@ class Prometheus:
 
     def by_label(self, expr: str, label: str) -> dict[str, float]:
         return {r["metric"].get(label, ""): float(r["value"][1]) for r in self.query(expr)}
+
+    def samples(self, selector: str, seconds: float, at: float) -> dict[tuple, list[tuple[float, float]]]:
+        """The raw samples of every series of `selector` in the `seconds` before `at`."""
+        result = self.query(f"{selector}[{max(1, int(seconds))}s]", at=at)
+        return {tuple(sorted(r["metric"].items())): [(float(t), float(v)) for t, v in r["values"]] for r in result}
 
 
 def prometheus_url(settings: Settings) -> str:
@@ -85,13 +91,61 @@ def since_start(selector: str, by: str, since: float, window: str, reset: bool) 
     return f"{group} ({selector}) - ({group} ({selector} @ {since:.3f}) or {group} ({selector}) * 0)"
 
 
+# Both arms' request counts are read at one instant. Each server is scraped at its own moment,
+# so "the latest sample" of two servers can be a scrape interval apart: under heavy traffic
+# that is enough requests to fake a sample-ratio mismatch (5 s of 400 requests/s in a short
+# window did). Each counter is read between the two scrapes around the instant instead.
+LOOKBACK_S = 300  # Prometheus's staleness: a series with no sample this long before is new
+
+
+def _value_at(points: list[tuple[float, float]], t: float) -> float:
+    """A counter's value at t: linear between the samples around t; 0 before its first one."""
+    before = [p for p in points if p[0] <= t]
+    if not before:
+        return 0.0
+    t0, v0 = before[-1]
+    after = [p for p in points if p[0] > t]
+    if not after or after[0][1] < v0:  # nothing later, or a reset: hold the last value
+        return v0
+    t1, v1 = after[0]
+    return v0 + (v1 - v0) * (t - t0) / (t1 - t0)
+
+
+def common_instant(prom: Prometheus, selectors: list[str], now: float) -> float | None:
+    """The latest instant every one of these series has been scraped at or after: the last
+    scrape of the server scraped longest ago. None when one of them has no recent sample."""
+    lasts = []
+    for selector in selectors:
+        series = prom.samples(selector, LOOKBACK_S, now)
+        if not series:
+            return None
+        lasts.append(max(points[-1][0] for points in series.values() if points))
+    return min(lasts)
+
+
+def growth_between(prom: Prometheus, selector: str, since: float, end: float) -> float:
+    """How much a counter (summed over its series) grew from `since` to `end`, each end read
+    between the samples around it. A series born after `since` counts from zero."""
+    start = prom.samples(selector, 2 * LOOKBACK_S, since + LOOKBACK_S)
+    finish = prom.samples(selector, 2 * LOOKBACK_S, end + LOOKBACK_S)
+    return sum(_value_at(points, end) - _value_at(start.get(key, []), since) for key, points in finish.items())
+
+
 def _count(x: float | None) -> int | None:
     return None if x is None else int(round(x))
 
 
-def variant_stats(prom: Prometheus, variant: str, version: str, since: float, window: str) -> dict[str, Any]:
-    """One arm's numbers since the experiment started, in the decision input's shape."""
-    sel = {name: t.replace("{v}", variant).replace("{mv}", version) for name, t in SELECTORS.items()}
+def _selector(name: str, variant: str, version: str) -> str:
+    return SELECTORS[name].replace("{v}", variant).replace("{mv}", version)
+
+
+def variant_stats(prom: Prometheus, variant: str, version: str, since: float, window: str,
+                  end: float | None = None) -> dict[str, Any]:
+    """One arm's numbers since the experiment started, in the decision input's shape.
+
+    With `end` (see `common_instant`) the request count is the growth from `since` to `end`,
+    read between scrapes, so both arms are counted over the same stretch of time."""
+    sel = {name: _selector(name, variant, version) for name in SELECTORS}
     reset = bool(prom.scalar(f'sum(resets({sel["requests"]}[{window}]))'))
 
     def grow(name: str, by: str = "") -> str:
@@ -101,7 +155,8 @@ def variant_stats(prom: Prometheus, variant: str, version: str, since: float, wi
     mean = prom.scalar(f'({grow("latency_sum")}) / ({grow("latency_count")})')
     return {
         "model_version": version,
-        "requests": _count(prom.scalar(grow("requests"))),
+        "requests": _count(growth_between(prom, sel["requests"], since, end) if end is not None and not reset
+                           else prom.scalar(grow("requests"))),
         "errors": _count(prom.scalar(grow("errors"))) or 0,
         "latency_p95_ms": None if p95 is None else round(p95 * 1000, 3),
         "latency_mean_ms": None if mean is None else round(mean * 1000, 3),
@@ -147,8 +202,10 @@ def collect(settings: Settings, now: dt.datetime | None = None) -> dict:
                              "weights": {"production": round(1 - weight, 4), "candidate": weight}, "variants": {}}
     prom = Prometheus(prometheus_url(settings))
     try:
+        end = common_instant(prom, [_selector("requests", v, versions[v]) for v in VARIANTS], now.timestamp())
         for variant in VARIANTS:
-            stats["variants"][variant] = variant_stats(prom, variant, versions[variant], since.timestamp(), f"{seconds}s")
+            stats["variants"][variant] = variant_stats(prom, variant, versions[variant], since.timestamp(),
+                                                       f"{seconds}s", end)
     except PrometheusError as exc:
         # No numbers: the decision sees missing data, which never promotes.
         out["problems"].append(str(exc))

@@ -218,6 +218,13 @@ def test_a_better_candidate_is_promoted_by_the_dag_and_swapped_in_without_a_fail
     mean = {v: sum(s) / len(s) for v, s in ratings.items()}
     assert mean["candidate"] > mean["production"] + 0.5, mean  # the simulation itself is what we think
     wait_scraped(settings, ratings, versions)
+    # What the evaluation counts is exactly what the servers stored since the candidate started.
+    from abfleet import evaluation
+    from abfleet.store import Store
+
+    stats = evaluation.collect(settings)["stats"]["variants"]
+    stored = Store(settings.db_url).predictions_since(evaluation._since(settings, versions["candidate"]))
+    assert {v: stats[v]["requests"] for v in stats} == {v: sum(r["variant"] == v for r in stored) for v in stats}
     pids = {v: stack.running_pid(settings, next(s for s in stack.services(settings) if s.name == v)) for v in ("production", "candidate")}
     with Load(settings, rows[::-1]) as load:
         run_evaluation_dag(settings, folder)
