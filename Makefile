@@ -24,7 +24,7 @@ demo: install install-system
 	$(BIN)/python -m abfleet.demo
 
 test: install install-system
-	@bash scripts/install-system.sh chromium || echo "chromium missing and not root: browser tests will skip (see above)"
+	@bash scripts/install-system.sh chromium docker-compose || echo "chromium or docker-compose missing and not root: the browser and compose checks will skip (see above)"
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the local stack needs (nginx, prometheus; chromium for the
-# browser tests) when they are missing. As root it installs them; otherwise it prints the
-# command to run and fails, so nothing half-works.
+# Installs the Debian packages the project needs when they are missing: nginx and prometheus
+# for the stack, chromium and docker-compose for the browser and compose checks, wrk for the
+# benchmark. As root it installs them; otherwise it prints the command to run and fails, so
+# nothing half-works.
 set -euo pipefail
 want=("$@")
 [ ${#want[@]} -gt 0 ] || want=(nginx prometheus)
