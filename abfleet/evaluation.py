@@ -112,14 +112,15 @@ def _value_at(points: list[tuple[float, float]], t: float) -> float:
 
 
 def common_instant(prom: Prometheus, selectors: list[str], now: float) -> float | None:
-    """The latest instant every one of these series has been scraped at or after: the last
-    scrape of the server scraped longest ago. None when one of them has no recent sample."""
+    """The latest instant every series of these selectors has a sample at or after: the last
+    scrape of the server (or replica) scraped longest ago. None when a selector has no
+    recent sample."""
     lasts = []
     for selector in selectors:
         series = prom.samples(selector, LOOKBACK_S, now)
         if not series:
             return None
-        lasts.append(max(points[-1][0] for points in series.values() if points))
+        lasts.extend(points[-1][0] for points in series.values() if points)
     return min(lasts)
 
 

@@ -50,3 +50,16 @@ def test_a_series_born_after_the_start_counts_from_zero_and_a_missing_arm_gives_
     prom = Samples({"new": {(): [(1010.0, 0.0), (1015.0, 50.0), (1020.0, 90.0)]}, "gone": {}})
     assert growth_between(prom, "new", 1000.0, 1020.0) == 90.0
     assert common_instant(prom, ["new", "gone"], now=1021.0) is None
+
+
+def test_replicas_of_one_arm_are_each_read_between_their_own_scrapes():
+    # Two candidate replicas scraped at ...1 and ...3: the common instant is the older one's
+    # last scrape, and each replica's counter is read there.
+    a = [(float(t), (t - 1000) * 40.0) for t in range(1001, 1032, 5)]
+    b = [(float(t), (t - 1000) * 40.0) for t in range(1003, 1034, 5)]
+    p = [(float(t), (t - 900) * 320.0) for t in range(992, 1035, 5)]
+    prom = Samples({"c": {(("instance", "a"),): a, (("instance", "b"),): b}, "p": {(): p}})
+    end = common_instant(prom, ["p", "c"], now=1034.0)
+    assert end == 1031.0
+    assert growth_between(prom, "c", 1000.0, end) == pytest.approx(2 * 40 * 31)
+    assert growth_between(prom, "p", 1000.0, end) == pytest.approx(320 * 31)
