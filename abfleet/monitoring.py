@@ -26,8 +26,10 @@ def write_prometheus_config(settings: Settings) -> Path:
     targets = local_targets(settings)
     for job in config.get("scrape_configs", []):
         if job["job_name"] in targets:
-            for static in job.get("static_configs", []):
-                static["targets"] = [targets[job["job_name"]]]
+            # One process per job here: a static loopback target instead of DNS discovery.
+            job.pop("dns_sd_configs", None)
+            labels = next((c.get("labels") for c in job.get("static_configs", []) if c.get("labels")), None)
+            job["static_configs"] = [{"targets": [targets[job["job_name"]]], **({"labels": labels} if labels else {})}]
     config["rule_files"] = [str(source.parent / rule) for rule in config.get("rule_files", [])]
     path = settings.run_dir / "prometheus.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -137,6 +137,26 @@ def test_prometheus_config_has_the_fleet_jobs():
     jobs = {job["job_name"] for job in config["scrape_configs"]}
     assert {"production", "candidate", "prometheus"} <= jobs
     assert "rules/*.yml" in config["rule_files"]
+    # Compose: every replica of a model server is a target of its own.
+    by_name = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert by_name["production"]["dns_sd_configs"][0]["names"] == ["infer-prod"]
+    assert by_name["candidate"]["dns_sd_configs"][0]["names"] == ["infer-cand"]
+
+
+def test_the_local_stack_scrapes_loopback_targets_with_the_same_labels(tmp_path):
+    from abfleet.monitoring import write_prometheus_config
+    from abfleet.settings import Settings
+
+    settings = Settings(run_dir=tmp_path, production_port=16001, candidate_port=16002)
+    rendered = write_prometheus_config(settings)
+    config = yaml.safe_load(rendered.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert "dns_sd_configs" not in jobs["production"]
+    assert jobs["production"]["static_configs"] == [{"targets": [f"{settings.host}:16001"]}]
+    assert jobs["candidate"]["static_configs"] == [{"targets": [f"{settings.host}:16002"]}]
+    assert jobs["candidate"]["relabel_configs"] == [{"target_label": "fleet_variant", "replacement": "candidate"}]
+    r = _run(_promtool(), "check", "config", str(rendered))
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 # ---- metric names -----------------------------------------------------------------------------
