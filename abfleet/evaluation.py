@@ -299,7 +299,7 @@ def reload_servers(settings: Settings) -> dict[str, str]:
     token = stack.admin_token(settings)
     out = {}
     for variant in VARIANTS:
-        url = f"http://{settings.host}:{settings.port_of(variant)}/api/admin/reload"
+        url = f"{settings.server_url(variant)}/api/admin/reload"
         try:
             r = requests.post(url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
             out[variant] = f"{r.status_code} {r.json().get('model_version', '')}".strip()

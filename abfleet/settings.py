@@ -67,6 +67,10 @@ class Settings:
     prometheus_url: str = ""
     # Called with the decision on every promote and rollback (optional).
     webhook_url: str = ""
+    # Where the pipeline reaches each model server (for the reload call after a decision);
+    # empty means the local stack's loopback port. Compose: http://infer-prod:8000.
+    production_url: str = ""
+    candidate_url: str = ""
 
     # A retrained model becomes @candidate only if its held-out median APE is at most this
     # much (relative) worse than production's on the same rows.
@@ -111,6 +115,10 @@ class Settings:
 
     def port_of(self, variant: str) -> int:
         return self.production_port if variant == "production" else self.candidate_port
+
+    def server_url(self, variant: str) -> str:
+        url = self.production_url if variant == "production" else self.candidate_url
+        return (url or f"http://{self.host}:{self.port_of(variant)}").rstrip("/")
 
     def alias_of(self, variant: str) -> str:
         if variant not in VARIANTS:

@@ -78,3 +78,34 @@ def test_arms_check_flags_arms_that_receive_different_inputs(tmp_path):
     log(big.head(400), "candidate")
     verdict = evaluation.arms_check(settings, since)
     assert verdict["drift_detected"] is True and "bhk" in verdict["drifted_columns"]
+
+
+def test_reload_goes_to_the_configured_server_urls_with_the_token(tmp_path):
+    calls = []
+
+    class Server(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            calls.append((self.path, self.headers.get("Authorization")))
+            body = json.dumps({"swapped": True, "model_version": "9"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {"ABFLEET_PRODUCTION_URL": f"http://127.0.0.1:{server.server_port}/",
+               "ABFLEET_CANDIDATE_URL": f"http://127.0.0.1:{free_port()}", "ABFLEET_ADMIN_TOKEN": "s3cret"}
+        settings = Settings.from_env(env, run_dir=tmp_path, reload_interval=7)
+        out = evaluation.reload_servers(settings)
+    finally:
+        server.shutdown()
+    assert calls == [("/api/admin/reload", "Bearer s3cret")]
+    assert out["production"] == "200 9"
+    assert out["candidate"].startswith("not reached") and "within 7s" in out["candidate"]
+    assert Settings(production_port=6101).server_url("production") == "http://127.0.0.1:6101"
