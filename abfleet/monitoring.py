@@ -28,8 +28,7 @@ def write_prometheus_config(settings: Settings) -> Path:
         if job["job_name"] in targets:
             # One process per job here: a static loopback target instead of DNS discovery.
             job.pop("dns_sd_configs", None)
-            labels = next((c.get("labels") for c in job.get("static_configs", []) if c.get("labels")), None)
-            job["static_configs"] = [{"targets": [targets[job["job_name"]]], **({"labels": labels} if labels else {})}]
+            job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
     config["rule_files"] = [str(source.parent / rule) for rule in config.get("rule_files", [])]
     path = settings.run_dir / "prometheus.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -131,18 +131,9 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     max_body = settings.max_body_bytes
 
     def payload() -> dict | None:
-        environ = request.environ
-        length = environ.get("CONTENT_LENGTH", "")
-        if environ.get("CONTENT_TYPE") == "application/json" and length.isdigit() and int(length) <= max_body:
-            # The common case, read as get_json(silent=True) reads it, minus werkzeug's stream wrappers.
-            try:
-                data = json.loads(environ["wsgi.input"].read(int(length)))
-            except ValueError:
-                return None
-        elif request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        if request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
             return request.form.to_dict()
-        else:  # chunked, too large (413), a charset or another JSON type: werkzeug's own path
-            data = request.get_json(silent=True)
+        data = request.get_json(silent=True)
         return data if isinstance(data, dict) else None
 
     def refuse(message: str, field: str | None, status: int = 422):
@@ -191,7 +182,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     # an unknown location, no model yet, a store error, chunked or oversized bodies) goes on
     # to that view unchanged, so every refusal keeps its one wording. Flask's dispatch costs
     # more than the model itself; see the README's serving-speed table.
-    latency_bucket = {}  # endpoint label children, looked up once
+    counters_of_version = {}  # version -> its (requests, latency) label children, looked up once
 
     def plainly_valid(body) -> tuple[str, float, int, int] | None:
         if type(body) is not dict:
@@ -249,9 +240,9 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         }, separators=(",", ":")).encode() + b"\n"
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                    ("X-Variant", variant), ("X-Model-Version", version_header())]
-        counted = latency_bucket.get(held.version)
+        counted = counters_of_version.get(held.version)
         if counted is None:
-            counted = latency_bucket[held.version] = (metrics.requests.labels(variant, held.version, PREDICT, "200"),
+            counted = counters_of_version[held.version] = (metrics.requests.labels(variant, held.version, PREDICT, "200"),
                                                       metrics.latency.labels(variant, PREDICT))
         counted[0].inc()
         counted[1].observe(time.perf_counter() - started)
