@@ -306,7 +306,7 @@ def run(settings: Settings, *, duration: float = DURATION_S, connections: int = 
     }
     result["config"] = {
         "duration_s": duration, "warmup_s": warmup, "connections": connections, "workers": WORKERS,
-        "threads_per_worker": int(os.environ.get("ABFLEET_THREADS", "4")), "load_generator": "wrk -t2",
+        "threads_per_worker": settings.threads, "load_generator": "wrk -t2",
         "model": f"models:/{settings.model_name}/{version}", "sample_rows": len(rows), "proxy": "nginx (1 worker)",
     }
     # The same flat priced by both servers: ours rounds to 0.01 lakh.

@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from abfleet.settings import VARIANTS, Settings
+from abfleet.settings import VARIANTS, Settings, process_environ
 
 
 def _say(message: str) -> None:
@@ -127,14 +127,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run one model server under gunicorn (the container runs this same command)."""
     from abfleet.settings import project_root
 
-    os.environ["VARIANT"] = args.variant
-    if args.port:
-        os.environ["ABFLEET_BIND"] = f"{settings.host}:{args.port}"
+    settings = settings.replace(variant=args.variant or settings.variant, bind=f"{settings.host}:{args.port}" if args.port else settings.bind)
+    # prometheus_client finds its folder by this name, in every worker.
+    env = process_environ({**settings.env(), "PROMETHEUS_MULTIPROC_DIR": str(settings.metrics_dir)})
     config = project_root() / "inference" / "backend" / "gunicorn.conf.py"
     gunicorn = Path(sys.executable).parent / "gunicorn"
     argv = [str(gunicorn), "-c", str(config)]
     os.chdir(project_root())
-    os.execv(argv[0], argv)
+    os.execve(argv[0], argv, env)
     return 0  # not reached
 
 
@@ -182,11 +182,10 @@ def cmd_manual(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
-    from abfleet.store import Store
+    from abfleet.store import open_store
 
-    store = Store(settings.db_url)
-    store.init_schema()
-    rows = store.decision_history(limit=args.limit)
+    with open_store(settings) as store:
+        rows = store.decision_history(limit=args.limit)
     if args.json:
         _emit(args, {"decisions": rows}, "")
         return 0
@@ -267,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("serve", help="run one model server under gunicorn")
-    p.add_argument("--variant", choices=VARIANTS, default=os.environ.get("VARIANT", "production"))
+    p.add_argument("--variant", choices=VARIANTS, default=None,
+                   help="which alias to serve (default: VARIANT from the environment, else production)")
     p.add_argument("--port", type=int, help="listen port (default: the variant's port from settings)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("decide", help="the decision alone, from aggregated stats (JSON)")
@@ -309,14 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = False
     try:
         settings = Settings.from_env()
+        debug = settings.debug
         return args.func(args, settings)
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
     except Exception as exc:  # one line, no traceback: the message says what to do
-        if os.environ.get("ABFLEET_DEBUG"):
+        if debug:
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         _say(f"abfleet {args.command}: {message}")

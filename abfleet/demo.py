@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import sys
 import time
 import uuid
@@ -19,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 from abfleet import data, registry, stack, train
-from abfleet.settings import Settings
+from abfleet.settings import Settings, in_ci
 
 
 def say(message: str) -> None:
@@ -103,7 +102,7 @@ def main() -> int:
     say(f"versions: production v{versions['production']}, candidate v{versions['candidate']}")
     for name, url in state["urls"].items():
         say(f"  {name:<10} {url}")
-    interactive = sys.stdin.isatty() and not os.environ.get("CI")
+    interactive = sys.stdin.isatty() and not in_ci()
     if interactive:
         say("the fleet keeps running: open the router URL; stop it with `make down` (or `.venv/bin/abfleet down`)")
     else:

@@ -226,14 +226,13 @@ def current_for(settings, days: float) -> pd.DataFrame:
     """Prediction inputs and estimates of the last `days` days, with actual prices where users gave them."""
     import datetime as dt
 
-    from abfleet.store import Store
+    from abfleet.store import open_store
 
-    store = Store(settings.db_url)
     since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)
-    rows = store.predictions_since(since)
+    with open_store(settings, create_schema=False) as store:
+        rows = store.predictions_since(since)
+        actual = store.actual_prices_since(since)
     frame = pd.DataFrame(rows, columns=["id", "location", "total_sqft", "bhk", "bath", "estimated_price"])
-    actual = store.actual_prices_since(since)
-    store.engine.dispose()
     if actual:
         frame["price"] = frame["id"].map(actual)
     return frame.drop(columns=["id"])
@@ -244,7 +243,7 @@ def run(settings, *, days: float | None = None, now: datetime | None = None) -> 
     to the object store under a dated key, the summary to the store (served by
     /api/drift_report and exported as gauges). Returns the summary with `report`."""
     from abfleet import objects
-    from abfleet.store import Store
+    from abfleet.store import open_store
 
     now = now or datetime.now(timezone.utc)
     days = settings.drift_days if days is None else days
@@ -255,8 +254,6 @@ def run(settings, *, days: float | None = None, now: datetime | None = None) -> 
     if result.html is not None:
         store = objects.open_store(settings)
         summary["report"] = store.put_bytes(result.html.encode(), report_key(now), "text/html")
-    db = Store(settings.db_url)
-    db.init_schema()
-    db.set_state("drift_summary", summary)
-    db.engine.dispose()
+    with open_store(settings) as db:
+        db.set_state("drift_summary", summary)
     return summary

@@ -227,14 +227,11 @@ def arms_check(settings: Settings, since: dt.datetime) -> dict:
         import pandas as pd
 
         from abfleet import drift
-        from abfleet.store import Store
+        from abfleet.store import open_store
     except ImportError as exc:  # Evidently lives in the pipeline extra
         return {"drift_detected": None, "reason": f"not checked: {exc.name} is not installed"}
-    store = Store(settings.db_url)
-    try:
+    with open_store(settings, create_schema=False) as store:
         rows = pd.DataFrame(store.predictions_since(since))
-    finally:
-        store.engine.dispose()
     if rows.empty:
         return {"drift_detected": None, "reason": "no predictions logged since the candidate started"}
     arms = {v: rows[rows.variant == v] for v in VARIANTS}
@@ -321,16 +318,14 @@ def notify(settings: Settings, record: dict) -> str | None:
 
 
 def _record(settings: Settings, record: dict, outcome: dict, collected: dict) -> int:
-    from abfleet.store import Store
+    from abfleet.store import open_store
 
     details = {"stats": collected.get("stats"), "checks": outcome.get("checks"), "score": outcome.get("score"),
                "flags": outcome.get("flags", []), "action": record.get("action"), "since": collected.get("since"),
                "arms": collected.get("arms"), "problems": collected.get("problems")}
-    store = Store(settings.db_url)
-    store.init_schema()
-    decision_id = store.record_decision(record["decision"], record["source"], record["applied"], record["reasons"],
-                                        details, record["production_version"], record["candidate_version"])
-    store.engine.dispose()
+    with open_store(settings) as store:
+        decision_id = store.record_decision(record["decision"], record["source"], record["applied"], record["reasons"],
+                                            details, record["production_version"], record["candidate_version"])
     version = record["candidate_version"]
     if version:
         try:

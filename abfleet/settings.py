@@ -36,6 +36,7 @@ _ALIASES = {
     "database_url": "DATABASE_URL",
     "mlflow_tracking_uri": "MLFLOW_TRACKING_URI",
     "variant": "VARIANT",
+    "prometheus_multiproc_dir": "PROMETHEUS_MULTIPROC_DIR",
 }
 
 
@@ -86,6 +87,21 @@ class Settings:
     arms_min_rows: int = 1000
 
     workers: int = 2
+    threads: int = 4
+    # Where gunicorn listens; empty means host:port of this variant.
+    bind: str = ""
+    # Each gunicorn worker writes its metrics here; /metrics sums them (multiprocess mode).
+    # Empty means <run_dir>/metrics/<variant>.
+    prometheus_multiproc_dir: str = ""
+
+    # The prediction spool (abfleet.spool): where answered predictions wait for the database.
+    # Empty means a folder derived from the database URL, the same for every process.
+    spool_dir: str = ""
+    spool_fsync: bool = False
+    spool_linger: float = 0.2
+
+    # Re-raise errors in the CLI instead of printing one line.
+    debug: bool = False
     # How often a server re-reads its registry alias (seconds).
     reload_interval: float = 15.0
     # Shared secret for POST /api/admin/reload; empty disables the endpoint.
@@ -120,10 +136,17 @@ class Settings:
         url = self.production_url if variant == "production" else self.candidate_url
         return (url or f"http://{self.host}:{self.port_of(variant)}").rstrip("/")
 
-    def alias_of(self, variant: str) -> str:
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        return variant
+    @property
+    def bind_address(self) -> str:
+        """Where this variant's gunicorn listens."""
+        return self.bind or f"{self.host}:{self.port_of(self.variant)}"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """This variant's prometheus_client multiprocess folder."""
+        if self.prometheus_multiproc_dir:
+            return Path(self.prometheus_multiproc_dir)
+        return self.run_dir / "metrics" / self.variant
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -167,6 +190,12 @@ class Settings:
 
 def _convert(f: dataclasses.Field, raw: str, name: str) -> object:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind == "bool":
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}={raw!r} is not a valid bool (use 1/0, true/false, yes/no)")
     try:
         if kind == "int":
             return int(raw)
@@ -179,6 +208,12 @@ def _convert(f: dataclasses.Field, raw: str, name: str) -> object:
     return raw
 
 
-def load() -> Settings:
-    """The settings of this process."""
-    return Settings.from_env()
+def process_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment plus `extra`: what a child process is started with."""
+    return {**os.environ, **(extra or {})}
+
+
+def in_ci(environ: Mapping[str, str] | None = None) -> bool:
+    """True under a CI runner (CI set to anything but empty/false): never wait for a person."""
+    env = os.environ if environ is None else environ
+    return env.get("CI", "").strip().lower() not in ("", "0", "false", "no")

@@ -144,12 +144,10 @@ def prepare(settings: Settings, candidate_weight: int) -> None:
 
     monitoring.write_prometheus_config(settings)
     (run / "state.json").write_text(json.dumps({"candidate_weight": candidate_weight}))
-    from abfleet.store import Store
+    from abfleet.store import open_store
 
-    store = Store(settings.db_url)
-    store.init_schema()
-    store.set_state("candidate_weight", candidate_weight)  # exported as a gauge for the SRM alert
-    store.engine.dispose()
+    with open_store(settings) as store:
+        store.set_state("candidate_weight", candidate_weight)  # exported as a gauge for the SRM alert
 
 
 def saved_weight(settings: Settings) -> int:

@@ -14,6 +14,7 @@ prediction is never missing from what the store says, and never lost when a proc
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as dt
 import errno
 import fcntl
@@ -30,10 +31,13 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+
+if TYPE_CHECKING:
+    from abfleet.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +139,11 @@ class Store:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self.spool_dir: Path = Path(spool_dir) if spool_dir is not None else default_spool_dir(url)
         self.spool: PredictionSpool | None = None
+
+    def close(self) -> None:
+        """Insert what is spooled, stop spooling and release the database connections."""
+        self.stop_spool()
+        self.engine.dispose()
 
     # ---- the spool ---------------------------------------------------------
     def start_spool(self, *, fsync: bool = False, linger: float = 0.2) -> "PredictionSpool":
@@ -395,6 +404,18 @@ _POSTGRES_INSERT_SPOOLED = sa.text(
     f"INSERT INTO predictions ({', '.join(_COLUMNS)}) SELECT {', '.join(_COLUMNS)} "
     "FROM json_populate_recordset(CAST(NULL AS predictions), CAST(:batch AS json)) ON CONFLICT (id) DO NOTHING"
 )
+
+
+@contextlib.contextmanager
+def open_store(settings: "Settings", *, create_schema: bool = True) -> Iterator[Store]:
+    """The fleet's prediction store for the length of a `with` block, closed afterwards."""
+    store = Store(settings.db_url, spool_dir=settings.spool_dir or None)
+    try:
+        if create_schema:
+            store.init_schema()
+        yield store
+    finally:
+        store.close()
 
 
 def default_spool_dir(url: str) -> Path:

@@ -68,8 +68,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     store.init_schema()
     # Answers wait for a line in the spool file, not for the database (see abfleet.store).
     try:
-        store.start_spool(fsync=os.environ.get("ABFLEET_SPOOL_FSYNC", "").lower() in ("1", "true", "yes"),
-                          linger=float(os.environ.get("ABFLEET_SPOOL_LINGER") or 0.2))
+        store.start_spool(fsync=settings.spool_fsync, linger=settings.spool_linger)
     except OSError as exc:  # no writable spool folder: every answer waits for its INSERT, as before
         log.warning("prediction spool unavailable (%s): writing predictions straight to the database", exc)
 
@@ -340,7 +339,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
         from prometheus_client import multiprocess
 
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if settings.prometheus_multiproc_dir:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
         else:

@@ -1,16 +1,14 @@
 """gunicorn settings for a model server; `abfleet serve` and the container both use this file."""
 
-import os
 import shutil
-from pathlib import Path
 
 from abfleet.settings import Settings
 
 _settings = Settings.from_env()
 
-bind = os.environ.get("ABFLEET_BIND", f"{_settings.host}:{_settings.port_of(_settings.variant)}")
+bind = _settings.bind_address
 workers = _settings.workers
-threads = int(os.environ.get("ABFLEET_THREADS", "4"))
+threads = _settings.threads
 worker_class = "gthread"
 proc_name = f"abfleet-{_settings.variant}"
 timeout = 60
@@ -23,9 +21,9 @@ wsgi_app = "inference.backend.app:create_app()"
 control_socket_disable = True
 
 # Every worker writes its metrics to files here; /metrics sums them (multiprocess mode).
-# It must be set before prometheus_client is imported in a worker, and emptied at start.
-_multiproc = Path(os.environ.setdefault(
-    "PROMETHEUS_MULTIPROC_DIR", str(_settings.run_dir / "metrics" / _settings.variant)))
+# prometheus_client reads PROMETHEUS_MULTIPROC_DIR when a worker imports it: `abfleet serve`
+# sets it from the same setting before gunicorn starts. Emptied at start.
+_multiproc = _settings.metrics_dir
 
 
 def on_starting(server):
@@ -33,11 +31,10 @@ def on_starting(server):
     _multiproc.mkdir(parents=True, exist_ok=True)
     # Create the tables once, in the master: workers racing to CREATE TABLE on PostgreSQL
     # fail with a unique violation, and a worker that fails to boot stops gunicorn.
-    from abfleet.store import Store
+    from abfleet.store import open_store
 
-    store = Store(_settings.db_url)
-    store.init_schema()
-    store.engine.dispose()
+    with open_store(_settings):
+        pass
 
 
 def child_exit(server, worker):

@@ -29,7 +29,7 @@ MUST_HAVE_HEALTHCHECK = ("postgres", "minio", "mlflow", *MODEL_SERVERS, "router"
 DOCKERFILES = ("inference/backend/Dockerfile", "router/Dockerfile", "docker/mlflow/Dockerfile", "docker/airflow/Dockerfile")
 
 # Variables the code reads that are not Settings fields (gunicorn.conf.py, the serve command).
-EXTRA_ABFLEET = {"ABFLEET_BIND", "ABFLEET_THREADS"}
+EXTRA_ABFLEET: set[str] = set()  # every ABFLEET_ name is a Settings field
 # Standard variables of the tools in the fleet, by exact name or prefix.
 STANDARD_NAMES = {"PROMETHEUS_MULTIPROC_DIR", "PATH", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "TZ"}
 STANDARD_PREFIXES = ("AWS_", "MLFLOW_", "AIRFLOW__", "_AIRFLOW_", "POSTGRES_", "MINIO_", "GF_", "PIP_")
