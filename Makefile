@@ -28,7 +28,7 @@ test: install install-system
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow and not e2e" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not e2e and not sim" $(PYTEST_ARGS)
 
 down:
 	@if [ -x $(BIN)/abfleet ]; then $(BIN)/abfleet down; fi

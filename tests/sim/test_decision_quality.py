@@ -17,6 +17,8 @@ import pytest
 
 from abfleet.decision import DecisionPolicy, decide
 
+pytestmark = pytest.mark.sim
+
 RUNS = 1000
 SEED = 20240611
 # A realistic, mildly left-skewed 1..5 star shape; exponential tilting moves its mean.
