@@ -194,10 +194,11 @@ def test_the_spool_empties_into_the_database_in_batches(tmp_path):
 def test_a_full_spool_file_is_replaced_and_removed_once_inserted(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'store.db'}")
     store.init_schema()
-    store.spool = None
-    from abfleet.store import PredictionSpool
+    from abfleet.spool import PredictionSpool
+    from abfleet.store import PREDICTION_COLUMNS
 
-    spool = store.spool = PredictionSpool(store, store.spool_dir, linger=3600, capacity=4096)
+    spool = store.spool = PredictionSpool(store.spool_dir, store.insert_spooled, PREDICTION_COLUMNS,
+                                          linger=3600, capacity=4096)
     rows = [prediction() for _ in range(60)]  # ~300 bytes each: several files
     for row in rows:
         store.record_prediction(row)
