@@ -305,6 +305,7 @@ class PredictionSpool:
         self._flushing = threading.Lock()  # one flush at a time
         self._pending: list[tuple[str, str, tuple]] = []  # (id, spooled line, column values) not inserted yet
         self._pending_ids: set[str] = set()
+        self._inserting = 0  # rows of the batch being inserted: taken from _pending, not stored yet
         self._retired: list[_Segment] = []
         self._serial = 0
         self._name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -327,8 +328,9 @@ class PredictionSpool:
             return {self._current.path, *(s.path for s in self._retired)}
 
     def pending(self) -> int:
+        """How many appended rows are not inserted yet (the batch being inserted counts)."""
         with self._lock:
-            return len(self._pending)
+            return len(self._pending) + self._inserting
 
     def holds(self, prediction_id: str) -> bool:
         with self._lock:
@@ -370,6 +372,7 @@ class PredictionSpool:
         with self._flushing:
             with self._lock:
                 batch, self._pending = self._pending, []
+                self._inserting = len(batch)
                 retired = list(self._retired)
                 current, size = self._current, self._current.size
             try:
@@ -377,9 +380,11 @@ class PredictionSpool:
             except BaseException:
                 with self._lock:
                     self._pending[:0] = batch
+                    self._inserting = 0
                 raise
             # The INSERT committed: only now may its lines leave the files.
             with self._lock:
+                self._inserting = 0
                 self._pending_ids.difference_update(pid for pid, _line, _v in batch)
                 if current is self._current and current.size == size and size:
                     current.truncate()  # nothing came in meanwhile: every line in it is inserted
