@@ -17,7 +17,8 @@ from typing import Mapping
 VARIANTS = ("production", "candidate")
 
 
-def _default_run_dir() -> Path:
+def default_run_dir() -> Path:
+    """Where the fleet keeps its state unless told otherwise (ABFLEET_RUN_DIR)."""
     # In a checkout the run directory sits beside the code (and is git-ignored);
     # an installed package keeps its state in the user's home.
     root = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ _ALIASES = {
 
 @dataclass(frozen=True)
 class Settings:
-    run_dir: Path = field(default_factory=_default_run_dir)
+    run_dir: Path = field(default_factory=default_run_dir)
     model_name: str = "bengaluru-home-price"
     variant: str = "production"
 

@@ -4,42 +4,31 @@ SQLAlchemy over a SQLite file by default, PostgreSQL when DATABASE_URL says so.
 Feedback is recorded against the variant and model version that made the prediction,
 whichever server receives it.
 
-A model server writes predictions through a `PredictionSpool` (`Store.start_spool`): the
-row is appended to a local file before the answer leaves, and a background thread moves
-spooled rows into the database in batches. Reads make answered-but-not-yet-inserted
-predictions visible first (see `Store.get_prediction` and `Store.settle`), so an answered
-prediction is never missing from what the store says, and never lost when a process dies.
+A model server writes predictions through a prediction spool (`Store.start_spool`, see
+abfleet.spool): the row is appended to a local file before the answer leaves, and a
+background thread inserts spooled rows in batches through `Store.insert_spooled`. Reads make
+answered-but-not-yet-inserted predictions visible first (see `Store.get_prediction` and
+`Store.settle`), so an answered prediction is never missing from what the store says, and
+never lost when a process dies.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import datetime as dt
-import errno
-import fcntl
 import functools
-import hashlib
 import itertools
 import json
-import logging
-import mmap
-import operator
-import os
-import socket
-import threading
-import time
-import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from abfleet.spool import PredictionSpool, SpoolReader, default_spool_dir
+
 if TYPE_CHECKING:
     from abfleet.settings import Settings
-
-log = logging.getLogger(__name__)
 
 metadata = sa.MetaData()
 
@@ -58,6 +47,8 @@ predictions = sa.Table(
     sa.Column("latency_ms", sa.Float, nullable=False),
     sa.Column("user_id", sa.String(128)),
 )
+# The order of the value tuples a spool hands to `Store.insert_spooled`.
+PREDICTION_COLUMNS = [c.name for c in predictions.columns]
 
 # One star rating, one quick verdict and one actual price per prediction: `kind` is the class.
 feedback = sa.Table(
@@ -138,7 +129,8 @@ class Store:
         if url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self.spool_dir: Path = Path(spool_dir) if spool_dir is not None else default_spool_dir(url)
-        self.spool: PredictionSpool | None = None
+        self.spool: PredictionSpool | None = None  # this process's own, once started
+        self.spool_reader = SpoolReader(self.spool_dir, self.insert_spooled)
 
     def close(self) -> None:
         """Insert what is spooled, stop spooling and release the database connections."""
@@ -146,12 +138,13 @@ class Store:
         self.engine.dispose()
 
     # ---- the spool ---------------------------------------------------------
-    def start_spool(self, *, fsync: bool = False, linger: float = 0.2) -> "PredictionSpool":
+    def start_spool(self, *, fsync: bool = False, linger: float = 0.2) -> PredictionSpool:
         """From now on `record_prediction` appends to a spool file in `spool_dir` and returns; a
         background thread inserts the rows in batches. Spool files that a dead process left
         behind are replayed into the database first."""
         if self.spool is None:
-            self.spool = PredictionSpool(self, self.spool_dir, fsync=fsync, linger=linger)
+            self.spool = PredictionSpool(self.spool_dir, self.insert_spooled, PREDICTION_COLUMNS,
+                                         fsync=fsync, linger=linger)
         return self.spool
 
     def stop_spool(self) -> None:
@@ -163,37 +156,18 @@ class Store:
     def settle(self) -> None:
         """Insert every spooled prediction this process can see (its own, other live servers',
         and any a dead process left) so that queries over the table count them all."""
-        if self.spool is not None:
-            self.spool.flush()
-        _sweep(self, self.spool_dir, import_live=True)
-
-    def _find_spooled(self, prediction_id: str) -> bool:
-        """Insert the prediction if it is answered but still spooled; True when it was."""
-        if self.spool is not None and self.spool.holds(prediction_id):
-            self.spool.flush()
-            return True
-        prefix = _line_prefix(prediction_id)
-        for path in _spool_paths(self.spool_dir):
-            data = _read_bytes(path)
-            if prefix.encode() in data:
-                found = [line for line in _valid_lines(data, path) if line.startswith(prefix)]
-                if found:
-                    self.insert_spooled(found[:1])
-                    return True
-        return False
+        self.spool_reader.settle(self.spool)
 
     def insert_spooled(self, lines: list[str], values: list[tuple] | None = None) -> None:
-        """Insert spooled predictions (JSON lines as `PredictionSpool` writes them) whose id is
-        not stored yet: a replayed row may be there already. `values` are the same rows as
-        tuples in column order (created_at as ISO text), when the caller has them at hand.
-        SQLite gets multi-row INSERTs of the tuples (500 rows a statement), PostgreSQL one
-        INSERT parsing the lines as one JSON document; other databases rows through SQLAlchemy."""
+        """Insert spooled predictions (JSON lines as abfleet.spool writes them) idempotently:
+        a row whose id is stored already is left as it is. `values` are the same rows as tuples
+        in `PREDICTION_COLUMNS` order (created_at as ISO text), when the caller has them."""
         if not lines:
             return
         dialect = self.engine.dialect.name
         if dialect == "sqlite":
             if values is None:
-                values = [tuple(row.get(c) for c in _COLUMNS) for row in map(json.loads, lines)]
+                values = [tuple(row.get(c) for c in PREDICTION_COLUMNS) for row in map(json.loads, lines)]
             with self.engine.begin() as conn:
                 # One multi-row INSERT per chunk: one sqlite3_step (and one GIL release) per
                 # chunk rather than per row, so request threads are not handed the GIL 500 times.
@@ -201,9 +175,10 @@ class Store:
                     chunk = values[start:start + _SQLITE_CHUNK]
                     conn.exec_driver_sql(_sqlite_insert(len(chunk)), tuple(itertools.chain.from_iterable(chunk)))
         elif dialect == "postgresql":
+            # One INSERT for the whole batch: PostgreSQL parses the lines as one JSON document.
             with self.engine.begin() as conn:
                 conn.execute(_POSTGRES_INSERT_SPOOLED, {"batch": "[" + ",".join(lines) + "]"})
-        else:
+        else:  # other databases: row dicts through SQLAlchemy
             self.insert_missing_predictions([json.loads(line) for line in lines])
 
     def insert_missing_predictions(self, rows: list[dict]) -> None:
@@ -259,7 +234,7 @@ class Store:
             # look in the table again whatever the spools said. A spooled line is removed only
             # after the INSERT holding it committed, so a row that left the spools between our
             # first SELECT and our read of the files is visible to the second SELECT.
-            self._find_spooled(prediction_id)
+            self.spool_reader.insert_if_spooled(prediction_id, self.spool)
             row = self._select_prediction(prediction_id)
         return row
 
@@ -383,25 +358,21 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-# ---- the spool -------------------------------------------------------------------
-
-SPOOL_SUFFIX = ".jsonl"
-_COLUMNS = [c.name for c in predictions.columns]
-_column_values = operator.itemgetter(*_COLUMNS)
+# ---- bulk inserts of spooled rows ---------------------------------------------------
 
 # SQLite keeps SQLAlchemy's DateTime as 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC here); spooled
 # times are ISO text in UTC with microseconds: its first 26 characters, T made a space.
-_SQLITE_ROW = "(" + ", ".join("replace(substr(?, 1, 26), 'T', ' ')" if c == "created_at" else "?" for c in _COLUMNS) + ")"
+_SQLITE_ROW = "(" + ", ".join("replace(substr(?, 1, 26), 'T', ' ')" if c == "created_at" else "?" for c in PREDICTION_COLUMNS) + ")"
 _SQLITE_CHUNK = 500  # rows per statement: 500 * 11 parameters, well under SQLite's 32766
 
 
 @functools.lru_cache(maxsize=16)
 def _sqlite_insert(rows: int) -> str:
-    return f"INSERT OR IGNORE INTO predictions ({', '.join(_COLUMNS)}) VALUES " + ", ".join([_SQLITE_ROW] * rows)
+    return f"INSERT OR IGNORE INTO predictions ({', '.join(PREDICTION_COLUMNS)}) VALUES " + ", ".join([_SQLITE_ROW] * rows)
 
 
 _POSTGRES_INSERT_SPOOLED = sa.text(
-    f"INSERT INTO predictions ({', '.join(_COLUMNS)}) SELECT {', '.join(_COLUMNS)} "
+    f"INSERT INTO predictions ({', '.join(PREDICTION_COLUMNS)}) SELECT {', '.join(PREDICTION_COLUMNS)} "
     "FROM json_populate_recordset(CAST(NULL AS predictions), CAST(:batch AS json)) ON CONFLICT (id) DO NOTHING"
 )
 
@@ -416,351 +387,3 @@ def open_store(settings: "Settings", *, create_schema: bool = True) -> Iterator[
         yield store
     finally:
         store.close()
-
-
-def default_spool_dir(url: str) -> Path:
-    """Where the servers of a database spool, from its URL alone: `<file>-spool` beside a
-    SQLite file; for any other database, a folder named by a hash of the URL under the
-    installation's default run directory (what `Settings()` uses without ABFLEET_RUN_DIR)."""
-    try:
-        parsed = sa.engine.make_url(url)
-        database = parsed.database or ""
-        if parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:") and not database.startswith("file:"):
-            path = Path(database).resolve()
-            return path.with_name(path.name + "-spool")
-    except sa.exc.ArgumentError:
-        pass
-    from abfleet.settings import _default_run_dir
-
-    return _default_run_dir() / "spool" / hashlib.sha256(url.encode()).hexdigest()[:16]
-
-
-def _line_prefix(prediction_id: str) -> str:
-    # Spool lines start with the id (see PredictionSpool.append): a lookup needs no JSON parse.
-    return '{"id": ' + json.dumps(prediction_id) + ","
-
-
-def _spool_paths(directory: Path | None) -> list[Path]:
-    if directory is None:
-        return []
-    try:
-        return sorted(p for p in directory.iterdir() if p.name.endswith(SPOOL_SUFFIX))
-    except FileNotFoundError:
-        return []
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:  # inserted and removed meanwhile
-        return b""
-
-
-def _lines(data: bytes) -> list[str]:
-    """The lines of a spool file (its unused tail, and any zeroed stretch, are NUL bytes)."""
-    data = data.rstrip(b"\0")
-    chunks = [c for c in data.split(b"\0") if c] if b"\0" in data else [data]
-    return [line for c in chunks for line in c.decode("utf-8", errors="replace").splitlines()]
-
-
-def _valid_lines(data: bytes, path: Path) -> list[str]:
-    """The complete rows of a spool file; a torn line (its writer died mid-copy, before it
-    could answer) is skipped."""
-    out = []
-    for line in _lines(data):
-        try:
-            row = json.loads(line)
-            dt.datetime.fromisoformat(row["created_at"])
-            out.append(line)
-        except (ValueError, KeyError, TypeError):
-            if line.strip():
-                log.warning("skipping an unreadable line in spool file %s", path.name)
-    return out
-
-
-def _claim(path: Path) -> int | None:
-    """An open, exclusively locked descriptor of a spool file whose writer is gone, else None.
-
-    A live writer holds an flock on its file for as long as it runs; the kernel drops it
-    when the process dies, however it dies.
-    """
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return None
-        raise
-    if os.fstat(fd).st_nlink == 0:  # replayed and removed by someone else meanwhile
-        os.close(fd)
-        return None
-    return fd
-
-
-def _replay(store: "Store", path: Path, fd: int) -> int:
-    """Insert a dead writer's spool file (claimed as fd) and remove it; return its row count."""
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    lines = _valid_lines(b"".join(chunks), path)
-    store.insert_spooled(lines)
-    os.unlink(path)
-    if lines:
-        log.info("replayed %d spooled predictions from %s", len(lines), path.name)
-    return len(lines)
-
-
-def _sweep(store: "Store", directory: Path | None, *, import_live: bool) -> int:
-    """Replay (and remove) the spool files of dead writers; with import_live, also insert
-    the rows of live writers' files (they stay theirs). Returns the rows replayed."""
-    own = store.spool.paths() if store.spool is not None else set()
-    replayed = 0
-    for path in _spool_paths(directory):
-        if path in own:
-            continue
-        fd = _claim(path)
-        if fd is None:
-            if import_live:
-                store.insert_spooled(_valid_lines(_read_bytes(path), path))
-            continue
-        try:
-            replayed += _replay(store, path, fd)
-        finally:
-            os.close(fd)
-    return replayed
-
-
-class _Segment:
-    """One spool file: created locked (flock), given its full size up front, and mapped.
-
-    A line is appended by copying it into the shared mapping: no system call (so no
-    release of the GIL, no thread hand-off), yet the bytes are in the kernel's page cache
-    from that moment and outlive the process however it dies. The space is allocated when
-    the file is made (a full disk fails then, not later); unused space reads as NUL bytes.
-    """
-
-    def __init__(self, directory: Path, name: str, capacity: int):
-        tmp = directory / f".{name}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.posix_fallocate(fd, 0, capacity)
-            self.map = mmap.mmap(fd, capacity)
-            # Only named *.jsonl once locked: nobody can take it for an orphan in between.
-            self.path = directory / f"{name}{SPOOL_SUFFIX}"
-            os.rename(tmp, self.path)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        self.fd = fd
-        self.capacity = capacity
-        self.size = 0
-
-    def fits(self, n: int) -> bool:
-        return self.size + n <= self.capacity
-
-    def write(self, data: bytes, sync: bool) -> None:
-        start, end = self.size, self.size + len(data)
-        self.map[start:end] = data
-        if sync:
-            aligned = start - start % mmap.PAGESIZE
-            self.map.flush(aligned, end - aligned)
-        self.size = end
-
-    def truncate(self) -> None:
-        """Forget every line (all of them are in the database)."""
-        self.map[:self.size] = bytes(self.size)
-        self.size = 0
-
-    def release(self) -> None:
-        self.map.close()
-        os.close(self.fd)
-
-    def discard(self) -> None:
-        """Remove the file (every row in it is in the database) and release it."""
-        try:
-            self.path.unlink(missing_ok=True)
-        finally:
-            self.release()
-
-
-class PredictionSpool:
-    """Answered predictions on their way to the database.
-
-    `append` copies the row as one JSON line into this process's memory-mapped spool file
-    (plus an msync when `fsync`) before the caller answers. A background thread wakes on the
-    first row after a quiet spell, lets `linger` seconds of rows gather, and inserts what is
-    pending in one statement per batch (idempotently: a replayed row may be in already),
-    then empties the file when nothing new came in meanwhile. A full file (`capacity` bytes)
-    is replaced by a new one, and removed once its rows are inserted. The file is flock-ed
-    while this process lives; a file nobody holds was left by a dead process and is replayed
-    at start, every `rescan_interval` seconds, and by readers (`Store.settle`).
-
-    Durability: a row is in the database or in a spool file from the moment `append` returns.
-    Without fsync that survives the process being killed (the kernel holds the page); with
-    fsync it also survives the machine losing power.
-    """
-
-    def __init__(self, store: Store, directory: Path, *, fsync: bool = False, linger: float = 0.2,
-                 capacity: int = 256 << 10, rescan_interval: float = 60.0, max_retry_delay: float = 5.0):
-        self.store = store
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.fsync = fsync
-        self.linger = linger
-        self.capacity = capacity
-        self.rescan_interval = rescan_interval
-        self.max_retry_delay = max_retry_delay
-        self._lock = threading.Lock()  # pending rows and segments
-        self._wake = threading.Condition(self._lock)
-        self._flushing = threading.Lock()  # one flush at a time
-        self._pending: list[tuple[str, str, tuple]] = []  # (id, spooled line, column values) not inserted yet
-        self._pending_ids: set[str] = set()
-        self._retired: list[_Segment] = []
-        self._serial = 0
-        self._name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._current = self._new_segment()
-        self._closed = False
-        self._stopping = threading.Event()
-        self._idle = False  # the flusher waits for a first row: wake it
-        self.last_error: str | None = None
-        self.replayed = self.replay_orphans()
-        self._thread = threading.Thread(target=self._run, name="prediction-spool", daemon=True)
-        self._thread.start()
-        atexit.register(self.close)
-
-    def _new_segment(self) -> _Segment:
-        self._serial += 1
-        return _Segment(self.directory, f"{self._name}-{self._serial:06d}", self.capacity)
-
-    def paths(self) -> set[Path]:
-        with self._lock:
-            return {self._current.path, *(s.path for s in self._retired)}
-
-    def pending(self) -> int:
-        with self._lock:
-            return len(self._pending)
-
-    def holds(self, prediction_id: str) -> bool:
-        with self._lock:
-            return prediction_id in self._pending_ids
-
-    # ---- writing ---------------------------------------------------------------
-    def append(self, row: dict) -> None:
-        """Make one prediction durable; raises when it could not be (then do not answer)."""
-        created = row.get("created_at") or now()
-        if created.tzinfo is not None:
-            created = created.astimezone(dt.timezone.utc)
-        # The id first: readers find a line by its start without parsing (see _line_prefix).
-        record = {"id": row["id"], **row, "created_at": created.isoformat(timespec="microseconds")}
-        line = json.dumps(record)  # the default encoder: no encoder built per call
-        data = line.encode() + b"\n"
-        try:
-            values = _column_values(record)
-        except KeyError:
-            values = tuple(record.get(c) for c in _COLUMNS)
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the prediction spool is closed")
-            if not self._current.fits(len(data)):
-                if len(data) > self.capacity:
-                    raise ValueError(f"a prediction of {len(data)} bytes does not fit a spool file")
-                self._retired.append(self._current)  # removed once its rows are inserted
-                self._current = self._new_segment()
-            self._current.write(data, self.fsync)
-            self._pending.append((row["id"], line, values))
-            self._pending_ids.add(row["id"])
-            if self._idle:  # only the first row after a quiet spell costs a wake-up
-                self._idle = False
-                self._wake.notify()
-
-    # ---- moving rows to the database -------------------------------------------
-    def flush(self) -> int:
-        """Insert everything appended so far; return how many rows. Raises on a database error
-        (the rows stay spooled and pending)."""
-        with self._flushing:
-            with self._lock:
-                batch, self._pending = self._pending, []
-                retired = list(self._retired)
-                current, size = self._current, self._current.size
-            try:
-                self.store.insert_spooled([line for _id, line, _v in batch], [v for _id, _line, v in batch])
-            except BaseException:
-                with self._lock:
-                    self._pending[:0] = batch
-                raise
-            with self._lock:
-                self._pending_ids.difference_update(pid for pid, _line, _v in batch)
-                if current is self._current and current.size == size and size:
-                    current.truncate()  # nothing came in meanwhile: every line in it is inserted
-                for segment in retired:
-                    self._retired.remove(segment)
-                    segment.discard()
-            return len(batch)
-
-    def replay_orphans(self) -> int:
-        """Insert and remove the spool files of dead processes; return how many rows."""
-        count = 0
-        try:
-            count = _sweep(self.store, self.directory, import_live=False)
-        except Exception as exc:  # the database is down: they stay, and are retried later
-            log.warning("spool replay failed: %s", exc)
-        for tmp in self.directory.glob(".*.tmp"):  # a writer died between create and rename: empty
-            try:
-                if time.time() - tmp.stat().st_mtime > 60:
-                    tmp.unlink()
-            except FileNotFoundError:
-                pass
-        return count
-
-    def _run(self) -> None:
-        delay = 0.0
-        next_scan = time.monotonic() + self.rescan_interval
-        while True:
-            with self._lock:
-                while not self._pending and not self._closed and time.monotonic() < next_scan:
-                    self._idle = True
-                    self._wake.wait(timeout=max(0.01, next_scan - time.monotonic()))
-                self._idle = False
-                if self._closed:
-                    return
-            if self._pending:
-                if self._stopping.wait(delay or self.linger):  # let a batch gather (or back off)
-                    return  # closing: close() inserts what is pending
-                try:
-                    self.flush()
-                    delay, self.last_error = 0.0, None
-                except Exception as exc:
-                    self.last_error = f"{type(exc).__name__}: {exc}"
-                    delay = min(self.max_retry_delay, max(0.05, delay * 2))
-                    log.warning("spooled predictions not inserted yet (retrying in %.2fs): %s", delay, self.last_error)
-            if time.monotonic() >= next_scan:
-                self.replay_orphans()
-                next_scan = time.monotonic() + self.rescan_interval
-
-    def close(self) -> None:
-        """Insert what is pending, stop the thread, and remove this process's files when empty."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._stopping.set()
-            self._wake.notify_all()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
-        try:
-            self.flush()
-        except Exception as exc:  # left in the file: the next start replays it
-            log.warning("spool not emptied at exit (it will be replayed): %s", exc)
-        with self._lock:
-            for segment in [*self._retired, self._current]:
-                if segment.size == 0 and not self._pending:
-                    segment.discard()
-                else:
-                    segment.release()
-            self._retired = []
