@@ -17,15 +17,13 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from abfleet import data
+from abfleet.api import MAX_BATH, MAX_BHK, MAX_SQFT, MIN_SQFT, PREDICT, FeedbackRequest, PredictRequest, describe
 from abfleet.metrics import FleetStateCollector, ServerMetrics
 from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
 from abfleet.store import Duplicate, NotFound, Store
-from inference.backend.schemas import MAX_BATH, MAX_BHK, MAX_SQFT, MIN_SQFT, FeedbackRequest, PredictRequest, describe
 
 log = logging.getLogger(__name__)
-
-PREDICT = "/api/predict_home_price"
 
 
 class PredictionIds:

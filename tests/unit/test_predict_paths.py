@@ -8,13 +8,12 @@ import json
 import pytest
 
 from abfleet import data, model
+from abfleet.api import FLAT, PREDICT
 from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
 from abfleet.store import Store
 from inference.backend import app as app_module
-from inference.backend.app import PREDICT, create_app
-
-FLAT = {"location": "Indira Nagar", "total_sqft": 1200, "bhk": 2, "bath": 2}
+from inference.backend.app import create_app
 LEAN = "application/json"
 VIEW = "application/json; charset=utf-8"  # not the lean handler's exact type: Flask's view answers
 
