@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from abfleet import api
 from abfleet.settings import Settings, project_root
 
 CONNECTIONS = 32
@@ -259,15 +260,15 @@ def run(settings: Settings, *, duration: float = DURATION_S, connections: int = 
                    _env(app_settings, VARIANT="production", PROMETHEUS_MULTIPROC_DIR=str(run_dir / "metrics")),
                    run_dir / "logs" / "server.log")
         procs.append(app)
-        app.wait_ready(lambda: requests.get(f"{front['app']}/api/health", timeout=2).json().get("model_version") == version, 120)
-        probe = requests.post(f"{front['app']}/api/predict_home_price", data=ours[0],
+        app.wait_ready(lambda: requests.get(f"{front['app']}{api.HEALTH}", timeout=2).json().get("model_version") == version, 120)
+        probe = requests.post(f"{front['app']}{api.PREDICT}", data=ours[0],
                               headers={"Content-Type": "application/json"}, timeout=10)
         if probe.status_code != 200:
             raise BenchError(f"the model server refused a sample request: {probe.status_code} {probe.text[:200]}")
         ours_estimate = probe.json()["estimated_price"]
 
-        for name, method, path, bodies in (("trivial", "GET", "/api/ping", [""]),
-                                           ("model", "POST", "/api/predict_home_price", ours)):
+        for name, method, path, bodies in (("trivial", "GET", api.PING, [""]),
+                                           ("model", "POST", api.PREDICT, ours)):
             say(f"  {name}: {method} {path}")
             if warmup > 0:
                 wrk_run(front["app"], method, path, bodies, warmup, connections, run_dir / f"{name}.lua")

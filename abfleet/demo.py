@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from abfleet import data, registry, stack, train
+from abfleet import api, data, registry, stack, train
 from abfleet.settings import Settings, in_ci
 
 
@@ -48,7 +48,7 @@ def ensure_models(settings: Settings) -> dict[str, str]:
 def wait_serving(settings: Settings, versions: dict[str, str], timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     for variant in ("production", "candidate"):
-        url = f"http://{settings.host}:{settings.port_of(variant)}/api/health"
+        url = f"http://{settings.host}:{settings.port_of(variant)}{api.HEALTH}"
         while True:
             try:
                 if requests.get(url, timeout=3).json().get("model_version") == versions[variant]:
@@ -63,19 +63,16 @@ def wait_serving(settings: Settings, versions: dict[str, str], timeout: float = 
 def drive_traffic(settings: Settings, requests_count: int = 300) -> collections.Counter:
     """Distinct users ask for estimates through the router; every tenth one rates it."""
     router = f"http://{settings.host}:{settings.router_port}"
-    from inference.backend.schemas import MAX_BATH, MAX_BHK, MAX_SQFT, MIN_SQFT
-
     frame = data.clean(data.synth(4 * requests_count, seed=99)).frame
-    inside = frame.total_sqft.between(MIN_SQFT, MAX_SQFT) & (frame.bhk <= MAX_BHK) & (frame.bath <= MAX_BATH)
-    flats = frame[inside].to_dict("records")
+    flats = api.acceptable_rows(frame, data.known_locations()).to_dict("records")
 
     def ask(i: int) -> tuple[str, int]:
         flat = flats[i % len(flats)]
         body = {k: flat[k] for k in data.FEATURES}
-        r = requests.post(f"{router}/api/predict_home_price", json=body, headers={"X-User-Id": f"demo-{uuid.uuid4().hex[:12]}"}, timeout=10)
+        r = requests.post(f"{router}{api.PREDICT}", json=body, headers={"X-User-Id": f"demo-{uuid.uuid4().hex[:12]}"}, timeout=10)
         if r.status_code == 200 and i % 10 == 0:
             stars = 5 if abs(r.json()["estimated_price"] - flat["price"]) / flat["price"] < 0.2 else 3
-            requests.post(f"{router}/api/feedback", json={"prediction_id": r.json()["prediction_id"], "feedback_type": "rating", "feedback_value": stars}, timeout=10)
+            requests.post(f"{router}{api.FEEDBACK}", json={"prediction_id": r.json()["prediction_id"], "feedback_type": "rating", "feedback_value": stars}, timeout=10)
         return r.headers.get("X-Variant", "none"), r.status_code
 
     with ThreadPoolExecutor(8) as pool:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from abfleet import api
 from abfleet.settings import Settings, project_root
 
 LOCUSTFILE = Path("tests") / "load" / "locustfile.py"
@@ -24,17 +25,13 @@ LOCUSTFILE = Path("tests") / "load" / "locustfile.py"
 def realistic_rows(n: int = 2000, seed: int = 0) -> list[dict]:
     """Flats people would ask about, with their true price: the real Kaggle rows when the
     dataset is present, else seeded synthetic ones; cleaned, limited to locations the fleet
-    knows and to the API's bounds (inference/backend/schemas.py)."""
+    knows and to the API's bounds (`api.acceptable_rows`)."""
     import numpy as np
 
     from abfleet import data
-    from inference.backend.schemas import MAX_BATH, MAX_BHK, MAX_SQFT, MIN_SQFT
 
     raw = data.read_raw(data.REAL_DATASET) if data.real_dataset_available() else data.synth(max(n * 2, 1000), seed)
-    frame = data.clean(raw).frame
-    known = data.known_locations()
-    frame = frame[frame["location"].isin(known) & frame["total_sqft"].between(MIN_SQFT, MAX_SQFT)
-                  & frame["bhk"].between(1, MAX_BHK) & frame["bath"].between(1, MAX_BATH)]
+    frame = api.acceptable_rows(data.clean(raw).frame, data.known_locations())
     if len(frame) > n:
         frame = frame.iloc[np.random.default_rng(seed).permutation(len(frame))[:n]]
     return [{"location": str(r.location), "total_sqft": float(r.total_sqft), "bhk": int(r.bhk),

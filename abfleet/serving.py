@@ -1,21 +1,29 @@
-"""The model a server holds, and how it follows its registry alias.
+"""The model a server holds, and the prediction service that answers with it.
 
 A server of variant V serves `models:/<name>@V`; the candidate server falls back to
 `@production` while there is no candidate and says so. A watcher thread re-reads the
 alias every `reload_interval` seconds (or at once on `refresh()`) and swaps the model in
 memory: requests in flight keep the object they already took, so none fails.
+
+`Predictions.answer` is the one place a predict request is validated, scored and recorded:
+the server's lean WSGI path and its Flask view both call it with the raw body.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
-from abfleet import registry
+from abfleet import api, registry
+from abfleet.metrics import ServerMetrics
 from abfleet.model import FastPredictor
 from abfleet.settings import Settings
+from abfleet.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +91,13 @@ class ModelHolder:
             self._on_swap(held, loaded)
         return True
 
+    def version_header(self) -> str:
+        """The version being served as the X-Model-Version header names it."""
+        held = self.current
+        if held is None:
+            return "none"
+        return f"{held.version} (fallback: production)" if held.fallback else held.version
+
     def wake(self) -> None:
         """Ask the watcher to check the registry now."""
         self._wake.set()
@@ -97,3 +112,109 @@ class ModelHolder:
         thread = threading.Thread(target=loop, name="model-watcher", daemon=True)
         thread.start()
         return thread
+
+
+class PredictionIds:
+    """Unguessable prediction ids (32 hex digits, like uuid4().hex) without a getrandom()
+    call per request: random bytes from the OS are read 4 KiB at a time."""
+
+    def __init__(self, batch: int = 4096):
+        self._batch = batch
+        self._lock = threading.Lock()
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # a forked child must not repeat its parent's ids
+
+    def _reset(self) -> None:
+        self._buffer, self._at = b"", 0
+        self._lock = threading.Lock()
+
+    def new(self) -> str:
+        with self._lock:
+            if self._at + 16 > len(self._buffer):
+                self._buffer, self._at = os.urandom(self._batch), 0
+            start = self._at
+            self._at = start + 16
+        return self._buffer[start:start + 16].hex()
+
+
+# One id source per process: every app a process builds draws from it.
+new_prediction_id = PredictionIds().new
+
+
+class Answer(NamedTuple):
+    """What a predict request gets: the HTTP status, the JSON body, and the model version its
+    metrics are labelled with ("none" while no model is loaded)."""
+
+    status: int
+    body: dict
+    version: str
+
+
+class Predictions:
+    """The prediction service of one server: validates a request body, prices the flat with
+    the model held, records the answer in the store, and says what to answer."""
+
+    def __init__(self, holder: ModelHolder, store: Store, vocabulary: frozenset[str],
+                 new_id: Callable[[], str] = new_prediction_id):
+        self.holder = holder
+        self.store = store
+        self.vocabulary = vocabulary  # the fleet's locations: both variants accept the same ones
+        self.new_id = new_id
+        self.variant = holder.variant
+
+    def answer(self, body: bytes | Mapping | None, user_id: str = "") -> Answer:
+        """The answer to a predict request whose body is raw JSON bytes, form fields, or None
+        (a body of another type); `user_id` is the X-User-Id header as sent.
+
+        A prediction is answered only once it is recorded: a store failure is a 503."""
+        held = self.holder.current
+        try:
+            req = api.parse(api.PredictRequest, body)
+        except api.Refused as refused:
+            return Answer(refused.status, refused.body(), held.version if held is not None else "none")
+        if held is None:
+            return Answer(503, api.error(f"no model loaded yet: {self.holder.last_error or 'loading'}", None), "none")
+        predictor = held.predictor
+        location = predictor.model_location(req.location, self.vocabulary)
+        if location is None:
+            message = f"location: unknown location {req.location!r}; see {api.LOCATIONS}"
+            return Answer(422, api.error(message, "location"), held.version)
+        t0 = time.perf_counter()
+        price = predictor.predict_one(location, req.total_sqft, req.bhk, req.bath)
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        prediction_id = self.new_id()
+        estimate = round(price, 2)
+        try:
+            self.store.record_prediction({
+                "id": prediction_id, "variant": self.variant, "model_version": held.version,
+                "location": req.location, "total_sqft": req.total_sqft, "bhk": req.bhk, "bath": req.bath,
+                "estimated_price": estimate, "latency_ms": latency_ms, "user_id": user_id[:128] or None,
+            })
+        except Exception as exc:  # an answer we could not store is not given: nothing is lost silently
+            log.error("prediction not stored: %s", exc)
+            message = "store unavailable: the prediction could not be recorded, try again"
+            return Answer(503, api.error(message, None), held.version)
+        return Answer(200, {
+            "estimated_price": estimate, "prediction_id": prediction_id, "model_version": held.version,
+            "unit": "lakh INR", "location": req.location, "total_sqft": req.total_sqft, "bhk": req.bhk, "bath": req.bath,
+        }, held.version)
+
+
+class RequestCounts:
+    """Counts answered requests into a server's metrics; each (version, endpoint, status)
+    looks its label children up once, so counting stays cheap on the hot path."""
+
+    def __init__(self, metrics: ServerMetrics, variant: str):
+        self.metrics = metrics
+        self.variant = variant
+        self._children: dict[tuple[str, str, int], tuple] = {}
+
+    def count(self, version: str, endpoint: str, status: int, seconds: float) -> None:
+        children = self._children.get((version, endpoint, status))
+        if children is None:
+            children = self._children[(version, endpoint, status)] = (
+                self.metrics.requests.labels(self.variant, version, endpoint, str(status)),
+                self.metrics.latency.labels(self.variant, endpoint),
+            )
+        children[0].inc()
+        children[1].observe(seconds)

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from abfleet.api import FEEDBACK, LOCATIONS, PREDICT
+
 CHROMIUM = "/usr/bin/chromium"
 APP_JS = Path(__file__).resolve().parents[2] / "inference" / "frontend" / "app.js"
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run", "--disable-quic"]
-PREDICT = "/api/predict_home_price"
-FEEDBACK = "/api/feedback"
-LOCATIONS = "/api/get_location_names"
 
 
 # ---------------------------------------------------------------- helpers

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from abfleet.api import FLAT
 from tests.conftest import fleet_settings, free_port, wait_for
 
 pytestmark = pytest.mark.slow
-FLAT = {"location": "Indira Nagar", "total_sqft": 1200, "bhk": 2, "bath": 2}
 
 
 def _start_server(settings, tmp_path: Path, variant: str = "production") -> subprocess.Popen:

@@ -13,10 +13,10 @@ import pytest
 import requests
 
 from abfleet import data, registry, stack
+from abfleet.api import PREDICT, acceptable_rows
 from tests.conftest import fleet_settings, wait_for
 
 pytestmark = pytest.mark.slow
-PREDICT = "/api/predict_home_price"
 POLICY_ENV = {"ABFLEET_DECISION_MIN_RUNTIME_HOURS": "0"}  # the test cannot wait a day
 
 
@@ -52,8 +52,7 @@ def loop(tmp_path_factory):
         cand = train.train(settings, good, alias="candidate")["version"]
         wait_for(lambda: _serving(settings, "production") == prod and _serving(settings, "candidate") == cand, 60,
                  what="both servers to load")
-        holdout = data.clean(data.synth(3000, seed=13)).frame
-        holdout = holdout[holdout.total_sqft.between(300, 30000) & (holdout.bhk <= 10) & (holdout.bath <= 10)]
+        holdout = acceptable_rows(data.clean(data.synth(3000, seed=13)).frame, data.known_locations())
         yield settings, {"production": prod, "candidate": cand}, holdout.to_dict("records"), folder
     finally:
         stack.down(settings, say=lambda _m: None)

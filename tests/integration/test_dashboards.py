@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 import requests
 
+from abfleet.api import FLAT, PREDICT
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD_DIR = ROOT / "monitoring" / "grafana" / "dashboards"
-PREDICT = "/api/predict_home_price"
-FLAT = {"location": "Indira Nagar", "total_sqft": 1200, "bhk": 2, "bath": 2}
 SCRAPE_WAIT = 60.0  # seconds to wait for Prometheus (scrape interval 5s)
 
 # Written by the pipeline / router side, not by the model servers: may be absent from a fresh stack.

@@ -10,12 +10,10 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from abfleet.api import FLAT, PREDICT
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
-
-FLAT = {"location": "Indira Nagar", "total_sqft": 1200, "bhk": 2, "bath": 2}
-PREDICT = "/api/predict_home_price"
 
 
 def _variant_of(fleet, user: str) -> str:

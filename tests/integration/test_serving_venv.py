@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from abfleet.api import FLAT, PREDICT
 from tests.conftest import ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -37,7 +38,7 @@ def test_a_venv_with_only_serving_dependencies_serves_predictions(fleet, tmp_pat
     try:
         url = f"http://{settings.host}:{port}"
         wait_for(lambda: _version(url) == fleet.versions["production"], 90, what="the slim server to load the model")
-        r = requests.post(f"{url}/api/predict_home_price", json={"location": "Indira Nagar", "total_sqft": 1200, "bhk": 2, "bath": 2}, timeout=10)
+        r = requests.post(f"{url}{PREDICT}", json=FLAT, timeout=10)
         assert r.status_code == 200 and r.json()["estimated_price"] > 0
     finally:
         os.killpg(server.pid, 15)

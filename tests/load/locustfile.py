@@ -17,10 +17,9 @@ import uuid
 
 from locust import HttpUser, between, events, task
 
+from abfleet.api import FEEDBACK, LOCATIONS, PREDICT
 from abfleet.load import realistic_rows, stars_for
 
-PREDICT = "/api/predict_home_price"
-FEEDBACK = "/api/feedback"
 RATE_SHARE = 0.35  # of answered estimates, the share a person rates with stars
 ACTUAL_SHARE = 0.10  # ... and the share whose actual price is reported
 QUICK_SHARE = 0.10  # ... and the share given a quick verdict (accurate / too high / too low)
@@ -40,7 +39,7 @@ class HomeBuyer(HttpUser):
         self.uses_cookie = random.random() < 0.5
         self.headers = {} if self.uses_cookie else {"X-User-Id": f"locust-{uuid.uuid4().hex[:12]}"}
         self.variant: str | None = None
-        with self.client.get("/api/get_location_names", headers=self.headers, catch_response=True) as r:
+        with self.client.get(LOCATIONS, headers=self.headers, catch_response=True) as r:
             if r.status_code != 200 or not r.json().get("locations"):
                 r.failure(f"location names: {r.status_code} {r.text[:200]}")
 

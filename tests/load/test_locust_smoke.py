@@ -7,7 +7,7 @@ import csv
 
 import pytest
 
-from abfleet import load
+from abfleet import api, data, load
 
 @pytest.mark.slow
 def test_short_locust_run_has_no_failures_and_writes_its_report(fleet, capsys):
@@ -24,9 +24,9 @@ def test_short_locust_run_has_no_failures_and_writes_its_report(fleet, capsys):
     with (run / "stats_stats.csv").open(newline="") as f:
         rows = {r["Name"]: r for r in csv.DictReader(f)}
     assert int(rows["Aggregated"]["Failure Count"]) == 0
-    assert int(rows["/api/predict_home_price"]["Request Count"]) > 0
+    assert int(rows[api.PREDICT]["Request Count"]) > 0
     # People rated some answers, and the router kept each of them on one variant (checked per answer).
-    assert any(name.startswith("/api/feedback") for name in rows), list(rows)
+    assert any(name.startswith(api.FEEDBACK) for name in rows), list(rows)
 
 
 def test_stars_follow_the_error():
@@ -38,12 +38,9 @@ def test_stars_follow_the_error():
 
 
 def test_realistic_rows_fit_the_api_and_the_fleet_vocabulary():
-    from abfleet import data
-    from inference.backend.schemas import PredictRequest
-
     rows = load.realistic_rows(300, seed=3)
     assert len(rows) == 300
     known = data.known_locations()
     for row in rows:
-        PredictRequest.model_validate({k: row[k] for k in ("location", "total_sqft", "bhk", "bath")})
+        api.PredictRequest.model_validate({k: row[k] for k in ("location", "total_sqft", "bhk", "bath")})
         assert row["location"] in known and row["price"] > 0

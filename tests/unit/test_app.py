@@ -6,12 +6,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from abfleet import data, model
+from abfleet.api import FEEDBACK, FLAT, HEALTH, LOCATIONS, METRICS, PREDICT, RELOAD
 from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
 from abfleet.store import Store
 from inference.backend.app import create_app
-
-FLAT = {"location": "Indira Nagar", "total_sqft": 1200, "bhk": 2, "bath": 2}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +23,9 @@ def predictor():
 def app(tmp_path, predictor):
     settings = Settings(run_dir=tmp_path, variant="candidate", admin_token="secret")
     store = Store(settings.db_url)
-    return create_app(settings, holder=ModelHolder.fixed(settings, predictor, "7"), store=store)
+    app = create_app(settings, holder=ModelHolder.fixed(settings, predictor, "7"), store=store)
+    yield app
+    store.stop_spool()
 
 
 @pytest.fixture
@@ -37,12 +38,12 @@ def store_of(app) -> Store:
 
 
 def samples(client, name):
-    text = client.get("/metrics").get_data(as_text=True)
+    text = client.get(METRICS).get_data(as_text=True)
     return [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
 
 
 def test_predict_is_stored_with_variant_version_and_user(app, client):
-    r = client.post("/api/predict_home_price", json=FLAT, headers={"X-User-Id": "u-1"})
+    r = client.post(PREDICT, json=FLAT, headers={"X-User-Id": "u-1"})
     assert r.status_code == 200
     body = r.get_json()
     assert r.headers["X-Variant"] == "candidate" and r.headers["X-Model-Version"] == "7"
@@ -54,16 +55,16 @@ def test_predict_is_stored_with_variant_version_and_user(app, client):
 
 
 def test_feedback_semantics(app, client):
-    pid = client.post("/api/predict_home_price", json=FLAT).get_json()["prediction_id"]
-    ok = client.post("/api/feedback", json={"prediction_id": pid, "feedback_type": "rating", "feedback_value": 4})
+    pid = client.post(PREDICT, json=FLAT).get_json()["prediction_id"]
+    ok = client.post(FEEDBACK, json={"prediction_id": pid, "feedback_type": "rating", "feedback_value": 4})
     assert ok.status_code == 201
-    again = client.post("/api/feedback", json={"prediction_id": pid, "feedback_type": "rating", "feedback_value": 5})
+    again = client.post(FEEDBACK, json={"prediction_id": pid, "feedback_type": "rating", "feedback_value": 5})
     assert again.status_code == 409 and again.get_json()["field"] == "feedback_type"
-    quick = client.post("/api/feedback", json={"prediction_id": pid, "feedback_type": "too_high"})
+    quick = client.post(FEEDBACK, json={"prediction_id": pid, "feedback_type": "too_high"})
     assert quick.status_code == 201
-    actual = client.post("/api/feedback", json={"prediction_id": pid, "feedback_type": "actual_price", "feedback_value": 50})
+    actual = client.post(FEEDBACK, json={"prediction_id": pid, "feedback_type": "actual_price", "feedback_value": 50})
     assert actual.status_code == 201 and actual.get_json()["ape"] >= 0
-    unknown = client.post("/api/feedback", json={"prediction_id": "ab" * 16, "feedback_type": "rating", "feedback_value": 3})
+    unknown = client.post(FEEDBACK, json={"prediction_id": "ab" * 16, "feedback_type": "rating", "feedback_value": 3})
     assert unknown.status_code == 404 and unknown.get_json()["field"] == "prediction_id"
     kinds = sorted(f["kind"] for f in store_of(app).feedback_for(pid))
     assert kinds == ["actual_price", "quick", "rating"]
@@ -85,42 +86,40 @@ def test_feedback_semantics(app, client):
     ({"feedback_type": "accurate"}, "prediction_id"),
 ])
 def test_bad_feedback_names_the_field(client, body, field):
-    r = client.post("/api/feedback", json=body)
+    r = client.post(FEEDBACK, json=body)
     assert r.status_code == 422 and r.get_json()["field"] == field, r.get_json()
 
 
 def test_health_reports_model_and_store(client):
-    body = client.get("/api/health").get_json()
+    body = client.get(HEALTH).get_json()
     assert body["status"] == "ok" and body["model_version"] == "7" and body["store_reachable"] is True
 
 
 def test_store_failure_refuses_the_answer_instead_of_losing_it(app, client):
     store_of(app).engine.dispose()
     store_of(app).record_prediction = lambda row: (_ for _ in ()).throw(OSError("disk gone"))
-    r = client.post("/api/predict_home_price", json=FLAT)
+    r = client.post(PREDICT, json=FLAT)
     assert r.status_code == 503 and "store" in r.get_json()["error"]
 
 
 def test_reload_needs_the_token(client):
-    assert client.post("/api/admin/reload").status_code == 401
-    assert client.post("/api/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert client.post("/api/admin/reload", headers={"Authorization": "Bearer secret"}).status_code == 200
+    assert client.post(RELOAD).status_code == 401
+    assert client.post(RELOAD, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.post(RELOAD, headers={"Authorization": "Bearer secret"}).status_code == 200
 
 
 def test_unknown_route_and_method_are_json(client):
     assert client.get("/api/nope").get_json()["error"]
-    r = client.get("/api/predict_home_price")
+    r = client.get(PREDICT)
     assert r.status_code == 405 and r.get_json()["error"]
 
 
 def test_a_known_location_the_model_never_saw_is_priced_as_other(client, predictor):
-    from abfleet import data
-
     unseen = sorted(data.known_locations() - set(predictor.locations))
     assert unseen, "the tiny model should miss some rare locations"
-    r = client.post("/api/predict_home_price", json={**FLAT, "location": unseen[0]})
+    r = client.post(PREDICT, json={**FLAT, "location": unseen[0]})
     assert r.status_code == 200
-    other = client.post("/api/predict_home_price", json={**FLAT, "location": "other"}).get_json()["estimated_price"]
+    other = client.post(PREDICT, json={**FLAT, "location": "other"}).get_json()["estimated_price"]
     assert r.get_json()["estimated_price"] == other
-    names = client.get("/api/get_location_names").get_json()["locations"]
+    names = client.get(LOCATIONS).get_json()["locations"]
     assert unseen[0] in names and names[-1] == "other"

@@ -1,0 +1,145 @@
+"""The model server's HTTP contract, in one place: endpoint paths, input bounds, the sample
+request and the request models that refuse bad input with a sentence naming the field.
+
+The server, the web page's tests, `load`, `demo`, `bench` and the tests read it from here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from typing import ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# ---- endpoint paths -----------------------------------------------------------------------
+PREDICT = "/api/predict_home_price"
+FEEDBACK = "/api/feedback"
+HEALTH = "/api/health"
+LOCATIONS = "/api/get_location_names"
+DRIFT_REPORT = "/api/drift_report"
+PING = "/api/ping"  # the cheapest JSON answer: the benchmark's yardstick for the predict path
+RELOAD = "/api/admin/reload"
+METRICS = "/metrics"  # Prometheus text format; not routed publicly
+
+# ---- input bounds: a real Bengaluru flat stays within them; the web page uses the same ones ----
+MIN_SQFT, MAX_SQFT = 300.0, 30000.0
+MIN_BHK, MAX_BHK = 1, 10
+MIN_BATH, MAX_BATH = 1, 10
+MAX_LOCATION_LENGTH = 128
+MAX_ACTUAL_PRICE_LAKHS = 100000.0
+
+# The sample request: a flat every model prices.
+FLAT = {"location": "Indira Nagar", "total_sqft": 1200, "bhk": 2, "bath": 2}
+
+
+def _no_bool(value):
+    # JSON true/false would otherwise pass as 1/0.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(str_strip_whitespace=True)
+    NOT_AN_OBJECT: ClassVar[str] = "body: send a JSON object (or form fields) with location, total_sqft, bhk, bath"
+
+    location: str = Field(min_length=1, max_length=MAX_LOCATION_LENGTH)
+    total_sqft: float = Field(ge=MIN_SQFT, le=MAX_SQFT, allow_inf_nan=False)
+    bhk: int = Field(ge=MIN_BHK, le=MAX_BHK)
+    bath: int = Field(ge=MIN_BATH, le=MAX_BATH)
+
+    _numbers_not_bools = field_validator("total_sqft", "bhk", "bath", mode="before")(_no_bool)
+
+
+FeedbackType = Literal["rating", "accurate", "too_high", "too_low", "actual_price"]
+
+
+class FeedbackRequest(BaseModel):
+    NOT_AN_OBJECT: ClassVar[str] = "body: send a JSON object with prediction_id, feedback_type, feedback_value"
+
+    prediction_id: str = Field(min_length=1, max_length=64, pattern=r"^[0-9a-fA-F-]+$")
+    feedback_type: FeedbackType
+    feedback_value: float | None = Field(default=None, allow_inf_nan=False)
+
+    _number_not_bool = field_validator("feedback_value", mode="before")(_no_bool)
+
+    @model_validator(mode="after")
+    def _value_fits_type(self) -> "FeedbackRequest":
+        value = self.feedback_value
+        if self.feedback_type == "rating":
+            if value is None or value != math.floor(value) or not 1 <= value <= 5:
+                raise ValueError("feedback_value: a rating must be a whole number of stars from 1 to 5")
+        elif self.feedback_type == "actual_price":
+            if value is None or not 0 < value <= MAX_ACTUAL_PRICE_LAKHS:
+                raise ValueError(
+                    f"feedback_value: an actual price must be in lakhs, above 0 and at most {MAX_ACTUAL_PRICE_LAKHS:g}"
+                )
+        else:
+            self.feedback_value = None  # quick verdicts carry no number
+        return self
+
+
+def error(message: str, field: str | None) -> dict:
+    """The JSON body of every refusal: the sentence, then the field it is about (or None)."""
+    return {"error": message, "field": field}
+
+
+class Refused(Exception):
+    """A request answered with a 4xx JSON error that names the field."""
+
+    def __init__(self, status: int, message: str, field: str | None):
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+    def body(self) -> dict:
+        return error(self.message, self.field)
+
+
+def describe(exc: ValidationError) -> tuple[str, str | None]:
+    """(one readable sentence, the field it is about) for the first problem found."""
+    first = exc.errors(include_url=False)[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "__root__"]
+    message = first.get("msg", "invalid").removeprefix("Value error, ")
+    if loc:
+        field = loc[0]
+        if first.get("type") == "missing":
+            return f"{field}: this field is required", field
+        return f"{field}: {message}", field
+    field = message.split(":", 1)[0] if ":" in message else None
+    return message, field
+
+
+Request = TypeVar("Request", bound=BaseModel)
+
+# What pydantic reports when the body is not a JSON object at all (bad JSON, nesting past its
+# limit, a list, a number, null): the client gets the same 400 "body" refusal for each.
+_NOT_AN_OBJECT = frozenset({"json_invalid", "json_type", "model_type", "model_attributes_type", "dict_type"})
+
+
+def parse(model: type[Request], body: bytes | Mapping | None) -> Request:
+    """`body` as a `model`: raw JSON bytes (parsed by pydantic itself, which refuses bad JSON,
+    excessive nesting and oversized numbers), form fields, or None for a body of another type.
+
+    Raises `Refused`: 400 naming "body" when the body is not a JSON object, else 422 naming
+    the first field at fault."""
+    try:
+        if isinstance(body, bytes):
+            return model.model_validate_json(body)
+        if body is not None:
+            return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_context=False, include_input=False)[0]
+        if not first.get("loc") and first.get("type") in _NOT_AN_OBJECT:
+            raise Refused(400, model.NOT_AN_OBJECT, "body") from None
+        raise Refused(422, *describe(exc)) from None
+    raise Refused(400, model.NOT_AN_OBJECT, "body")
+
+
+def acceptable_rows(frame, locations: Collection[str]):
+    """The rows of a cleaned frame (`data.clean(...).frame`) a predict request accepts: a
+    location in `locations`, every number within the bounds above."""
+    return frame[frame["location"].isin(locations)
+                 & frame["total_sqft"].between(MIN_SQFT, MAX_SQFT)
+                 & frame["bhk"].between(MIN_BHK, MAX_BHK)
+                 & frame["bath"].between(MIN_BATH, MAX_BATH)]

@@ -1,0 +1,77 @@
+"""The server's parts (settings, model holder, store, metrics, the prediction service),
+registered with a Flask app by `init_app` the way the Flask tutorial registers its database."""
+
+from __future__ import annotations
+
+import logging
+from typing import TypedDict
+
+from flask import Flask, current_app
+
+from abfleet import api, data
+from abfleet.metrics import FleetStateCollector, ServerMetrics
+from abfleet.serving import Loaded, ModelHolder, Predictions, RequestCounts
+from abfleet.settings import Settings
+from abfleet.store import Store
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "abfleet"  # the key in app.extensions
+
+
+class Parts(TypedDict):
+    settings: Settings
+    holder: ModelHolder
+    store: Store
+    metrics: ServerMetrics
+    counts: RequestCounts
+    predictions: Predictions
+    fleet_registry: object  # a prometheus CollectorRegistry of the fleet's state (production exports it)
+
+
+def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, store: Store | None = None) -> Parts:
+    """Build the parts a server needs and register them with `app`; return them.
+
+    Without a holder, one that follows the registry alias is made and started; without a
+    store, one at `settings.db_url`. The store's prediction spool is started either way."""
+    from prometheus_client import CollectorRegistry
+
+    metrics = ServerMetrics(CollectorRegistry())
+    store = store or Store(settings.db_url)
+    store.init_schema()
+    # Answers wait for a line in the spool file, not for the database (see abfleet.store).
+    try:
+        store.start_spool(fsync=settings.spool_fsync, linger=settings.spool_linger)
+    except OSError as exc:  # no writable spool folder: every answer waits for its INSERT, as before
+        log.warning("prediction spool unavailable (%s): writing predictions straight to the database", exc)
+
+    variant = settings.variant
+
+    def on_swap(old: Loaded | None, new: Loaded) -> None:
+        if old is not None:
+            # multiprocess mode cannot remove a series: the old one drops to 0 (queries keep > 0)
+            metrics.model_info.labels(variant, old.version, old.alias, str(old.fallback).lower()).set(0)
+            metrics.swaps.labels(variant).inc()
+        metrics.model_info.labels(variant, new.version, new.alias, str(new.fallback).lower()).set(1)
+        metrics.prime(variant, new.version, api.PREDICT)
+
+    if holder is None:
+        holder = ModelHolder(settings, on_swap=on_swap)
+        holder.refresh()
+        holder.start_watcher()
+    elif holder.current is not None:
+        on_swap(None, holder.current)
+
+    fleet_registry = CollectorRegistry()
+    fleet_registry.register(FleetStateCollector(store))
+    parts = Parts(settings=settings, holder=holder, store=store, metrics=metrics,
+                  counts=RequestCounts(metrics, variant),
+                  predictions=Predictions(holder, store, data.known_locations()),
+                  fleet_registry=fleet_registry)
+    app.extensions[EXTENSION] = parts
+    return parts
+
+
+def parts() -> Parts:
+    """The parts of the app handling the current request."""
+    return current_app.extensions[EXTENSION]

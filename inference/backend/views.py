@@ -1,0 +1,182 @@
+"""The model server's API views, in one blueprint; every answer is JSON, every refusal names
+the field, and every response carries X-Variant and X-Model-Version."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+
+from flask import Blueprint, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from abfleet import api
+from abfleet.store import Duplicate, NotFound
+from inference.backend.parts import parts
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("api", __name__)
+
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def request_body() -> bytes | dict | None:
+    """The body as `api.parse` takes it: form fields, the raw bytes of any JSON content type,
+    or None for a body of another type."""
+    if request.mimetype in FORM_TYPES:
+        return request.form.to_dict()
+    if request.is_json:
+        return request.get_data()
+    return None
+
+
+def refuse(message: str, field: str | None, status: int = 422):
+    return jsonify(api.error(message, field)), status
+
+
+@bp.before_app_request
+def _start_clock() -> None:
+    g.started = time.perf_counter()
+
+
+@bp.after_app_request
+def _label_and_count(response: Response) -> Response:
+    p = parts()
+    holder = p["holder"]
+    response.headers["X-Variant"] = p["settings"].variant
+    response.headers["X-Model-Version"] = holder.version_header()
+    endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+    if endpoint != api.METRICS:
+        held = holder.current
+        version = g.get("model_version") or (held.version if held else "none")
+        p["counts"].count(version, endpoint, response.status_code, time.perf_counter() - g.get("started", time.perf_counter()))
+    return response
+
+
+@bp.app_errorhandler(HTTPException)
+def _http_error(exc: HTTPException):
+    max_body = parts()["settings"].max_body_bytes
+    messages = {413: f"request body too large: at most {max_body} bytes"}
+    return jsonify(api.error(messages.get(exc.code, exc.description), None)), exc.code
+
+
+def internal_error(exc: Exception) -> dict:
+    """The body of a 500: the kind of failure, never a traceback."""
+    log.exception("unexpected error")
+    return api.error(f"internal error: {type(exc).__name__}", None)
+
+
+@bp.app_errorhandler(Exception)
+def _unexpected(exc: Exception):
+    return jsonify(internal_error(exc)), 500
+
+
+@bp.post(api.PREDICT)
+def predict_home_price():
+    answer = parts()["predictions"].answer(request_body(), request.environ.get("HTTP_X_USER_ID", ""))
+    g.model_version = answer.version
+    return jsonify(answer.body), answer.status
+
+
+@bp.get(api.PING)
+def ping():
+    return jsonify(status="ok")
+
+
+@bp.get(api.LOCATIONS)
+def get_location_names():
+    p = parts()
+    held = p["holder"].current
+    if held is None:
+        return refuse(f"no model loaded yet: {p['holder'].last_error or 'loading'}", None, 503)
+    vocabulary = p["predictions"].vocabulary
+    return jsonify(locations=sorted(vocabulary.union(held.predictor.locations) - {"other"}) + ["other"])
+
+
+@bp.post(api.FEEDBACK)
+def record_feedback():
+    p = parts()
+    try:
+        req = api.parse(api.FeedbackRequest, request_body())
+    except api.Refused as refused:
+        return jsonify(refused.body()), refused.status
+    try:
+        row = p["store"].record_feedback(req.prediction_id, req.feedback_type, req.feedback_value,
+                                         received_by=p["settings"].variant)
+    except NotFound:
+        return refuse(f"prediction_id: no prediction {req.prediction_id!r}", "prediction_id", 404)
+    except Duplicate as exc:
+        return refuse(f"feedback_type: {exc}", "feedback_type", 409)
+    metrics = p["metrics"]
+    v, mv = row["variant"], row["model_version"]
+    if row["kind"] == "rating":
+        metrics.ratings.labels(v, mv, str(int(req.feedback_value))).inc()
+    elif row["kind"] == "quick":
+        metrics.quick.labels(v, mv, req.feedback_type).inc()
+    else:
+        metrics.ape_count.labels(v, mv).inc()
+        metrics.ape_sum.labels(v, mv).inc(row["ape"])
+        metrics.ape_sum_sq.labels(v, mv).inc(row["ape"] ** 2)
+    return jsonify(status="recorded", prediction_id=req.prediction_id, feedback_type=req.feedback_type,
+                   variant=v, model_version=mv, ape=row["ape"]), 201
+
+
+@bp.get(api.HEALTH)
+def health():
+    p = parts()
+    holder = p["holder"]
+    held = holder.current
+    store_ok = p["store"].ping()
+    body = {
+        "status": "ok" if held and store_ok else "unavailable",
+        "variant": p["settings"].variant,
+        "model_loaded": held is not None,
+        "model_version": held.version if held else None,
+        "serving_alias": held.alias if held else None,
+        "fallback": bool(held and held.fallback),
+        "store_reachable": store_ok,
+        "last_error": holder.last_error,
+    }
+    if held and held.fallback:
+        body["note"] = "no candidate in the registry: serving the production model"
+    return jsonify(body), 200 if body["status"] == "ok" else 503
+
+
+@bp.get(api.DRIFT_REPORT)
+def drift_report():
+    summary = parts()["store"].get_state("drift_summary")
+    if summary is None:
+        return refuse("no drift check has run yet: the daily drift_monitoring DAG or `abfleet drift` makes one", None, 404)
+    return jsonify(summary)
+
+
+@bp.post(api.RELOAD)
+def reload_model():
+    p = parts()
+    token = p["settings"].admin_token
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    if not token or not hmac.compare_digest(given.encode(), token.encode()):
+        return refuse("authorization: a valid admin token is required", "authorization", 401)
+    holder = p["holder"]
+    holder.wake()
+    swapped = holder.refresh()
+    return jsonify(swapped=swapped, model_version=holder.version_header())
+
+
+@bp.get(api.METRICS)
+def metrics_endpoint():
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client import multiprocess
+
+    p = parts()
+    settings = p["settings"]
+    if settings.prometheus_multiproc_dir:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = p["metrics"].registry
+    body = generate_latest(registry)
+    if settings.variant == "production":
+        body += generate_latest(p["fleet_registry"])
+    return Response(body, mimetype=CONTENT_TYPE_LATEST)
