@@ -7,7 +7,6 @@ import gc
 from flask import Flask
 
 from abfleet.serving import ModelHolder
-from abfleet.serving import new_prediction_id  # noqa: F401  (tests/unit/test_fast_path.py imports it from here until that file is split)
 from abfleet.settings import Settings
 from abfleet.store import Store
 from inference.backend import views

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from inference.backend.app import new_prediction_id
+from abfleet.serving import new_prediction_id
 
 
 def test_prediction_ids_are_unique_hex_and_not_shared_with_a_forked_child():
