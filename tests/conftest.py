@@ -43,6 +43,30 @@ def fleet_settings(run_dir: Path, **overrides) -> Settings:
     return Settings(run_dir=run_dir, **{**defaults, **ports, **overrides})
 
 
+@dataclass(frozen=True)
+class TinyModel:
+    fitted: object  # the fitted scikit-learn pipeline
+    test: object  # its held-out rows (a DataFrame)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> TinyModel:
+    """One small model for the whole session, fitted on 80% of 8,000 synthetic rows: the unit
+    tests of the server, the compiled trees and the spool share it."""
+    from abfleet import model
+
+    cleaned = data.clean(data.synth(8000, seed=11))
+    train, test = data.train_test_split_frame(cleaned.frame, test_size=0.2, seed=0)
+    return TinyModel(model.fit(train, model.ModelParams(max_iter=120)), test)
+
+
+@pytest.fixture(scope="session")
+def tiny_predictor(tiny_model):
+    from abfleet import model
+
+    return model.FastPredictor(tiny_model.fitted)
+
+
 @pytest.fixture(scope="session")
 def synth_csv(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "synth.csv"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from abfleet import data, model
+from abfleet import data
 from abfleet.api import FEEDBACK, FLAT, HEALTH, LOCATIONS, METRICS, PREDICT, RELOAD
 from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
@@ -13,10 +13,9 @@ from abfleet.store import Store
 from inference.backend.app import create_app
 
 
-@pytest.fixture(scope="module")
-def predictor():
-    cleaned = data.clean(data.synth(8000, seed=5))
-    return model.FastPredictor(model.fit(cleaned.frame, model.ModelParams(max_iter=40)))
+@pytest.fixture
+def predictor(tiny_predictor):
+    return tiny_predictor
 
 
 @pytest.fixture

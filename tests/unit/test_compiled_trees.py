@@ -12,11 +12,9 @@ from abfleet import data, model
 from abfleet.model import CompiledTrees, FastPredictor
 
 
-@pytest.fixture(scope="module")
-def trained():
-    cleaned = data.clean(data.synth(8000, seed=11))
-    train, test = data.train_test_split_frame(cleaned.frame, test_size=0.2, seed=0)
-    return model.fit(train, model.ModelParams(max_iter=120)), test
+@pytest.fixture
+def trained(tiny_model):
+    return tiny_model.fitted, tiny_model.test
 
 
 def every_location_grid(fast: FastPredictor) -> pd.DataFrame:

@@ -11,7 +11,7 @@ import pytest
 from flask import request_started
 from prometheus_client.parser import text_string_to_metric_families
 
-from abfleet import data, model
+from abfleet import data
 from abfleet.api import FLAT, PREDICT
 from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
@@ -24,10 +24,9 @@ FORM = "application/x-www-form-urlencoded"
 BIG = "9" * 400  # a 400-digit integer
 
 
-@pytest.fixture(scope="module")
-def predictor():
-    cleaned = data.clean(data.synth(6000, seed=11))
-    return model.FastPredictor(model.fit(cleaned.frame, model.ModelParams(max_iter=30)))
+@pytest.fixture
+def predictor(tiny_predictor):
+    return tiny_predictor
 
 
 def make_app(tmp_path, holder_of):

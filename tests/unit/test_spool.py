@@ -12,8 +12,6 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from abfleet import data, model
-from abfleet.model import FastPredictor
 from abfleet.serving import ModelHolder
 from abfleet.settings import Settings, default_run_dir
 from abfleet.spool import PredictionSpool, default_spool_dir
@@ -158,11 +156,10 @@ def test_a_live_writers_spool_is_never_taken_for_a_dead_ones(spooling):
         other.stop_spool()
 
 
-def test_feedback_right_after_predict_on_another_worker(tmp_path):
+def test_feedback_right_after_predict_on_another_worker(tmp_path, tiny_predictor):
     """Two app instances (two gunicorn workers) on one database: the rating reaches a worker
     that never saw the prediction, before any batch was inserted."""
-    cleaned = data.clean(data.synth(3000, seed=5))
-    fast = FastPredictor(model.fit(cleaned.frame, model.ModelParams(max_iter=20)))
+    fast = tiny_predictor
     settings = Settings(run_dir=tmp_path, variant="production")
     apps = [create_app(settings, holder=ModelHolder.fixed(settings, fast, "1"), store=Store(settings.db_url))
             for _ in range(2)]
