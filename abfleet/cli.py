@@ -14,7 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from abfleet.settings import VARIANTS, Settings, process_environ
+from abfleet.decision import PROMOTE, ROLLBACK
+from abfleet.settings import VARIANTS, Settings, decision_policy, process_environ
 
 
 def _say(message: str) -> None:
@@ -139,7 +140,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_decide(args: argparse.Namespace, settings: Settings) -> int:
-    from abfleet.decision import DecisionPolicy, decide
+    from abfleet.decision import decide
 
     try:
         stats = json.loads(Path(args.stats).read_text())
@@ -149,7 +150,7 @@ def cmd_decide(args: argparse.Namespace, settings: Settings) -> int:
         raise ValueError(f"--stats {args.stats}: not JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(stats, dict):
         raise ValueError(f"--stats {args.stats}: expected a JSON object with window_hours, weights, variants")
-    outcome = decide(stats, DecisionPolicy.from_env())
+    outcome = decide(stats, decision_policy())
     _emit(args, outcome, _decision_text(outcome))
     return 0
 
@@ -280,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_evaluate)
 
-    for name, text in (("promote", "make the candidate production (manual override, audited)"),
-                       ("rollback", "remove the candidate (manual override, audited)")):
+    for name, text in ((PROMOTE, "make the candidate production (manual override, audited)"),
+                       (ROLLBACK, "remove the candidate (manual override, audited)")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--reason", help="why, for the audit trail")
         p.add_argument("--json", action="store_true", help="print one JSON document")

@@ -6,7 +6,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from abfleet import evaluation
+from abfleet import evaluation, fleet
 from abfleet.settings import Settings
 from tests.conftest import free_port
 
@@ -43,13 +43,13 @@ def test_webhook_receives_the_decision_and_a_dead_one_is_not_fatal():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         settings = Settings(webhook_url=f"http://127.0.0.1:{server.server_port}/hook")
-        assert evaluation.notify(settings, {"decision": "rollback", "reasons": ["worse"]}) == "204"
+        assert fleet.notify(settings, {"decision": "rollback", "reasons": ["worse"]}) == "204"
         assert received == [{"source": "abfleet", "decision": "rollback", "reasons": ["worse"]}]
     finally:
         server.shutdown()
     dead = Settings(webhook_url=f"http://127.0.0.1:{free_port()}/hook")
-    assert evaluation.notify(dead, {"decision": "promote"}).startswith("failed")
-    assert evaluation.notify(Settings(), {"decision": "promote"}) is None
+    assert fleet.notify(dead, {"decision": "promote"}).startswith("failed")
+    assert fleet.notify(Settings(), {"decision": "promote"}) is None
 
 
 def test_arms_check_flags_arms_that_receive_different_inputs(tmp_path):
@@ -102,7 +102,7 @@ def test_reload_goes_to_the_configured_server_urls_with_the_token(tmp_path):
         env = {"ABFLEET_PRODUCTION_URL": f"http://127.0.0.1:{server.server_port}/",
                "ABFLEET_CANDIDATE_URL": f"http://127.0.0.1:{free_port()}", "ABFLEET_ADMIN_TOKEN": "s3cret"}
         settings = Settings.from_env(env, run_dir=tmp_path, reload_interval=7)
-        out = evaluation.reload_servers(settings)
+        out = fleet.reload_servers(settings)
     finally:
         server.shutdown()
     assert calls == [("/api/admin/reload", "Bearer s3cret")]
