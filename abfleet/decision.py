@@ -42,7 +42,7 @@ ARMS = ("production", "candidate")
 PROMOTE = "promote"
 ROLLBACK = "rollback"
 CONTINUE = "continue"
-DECISIONS = (PROMOTE, ROLLBACK, CONTINUE)
+OUTCOMES = (PROMOTE, ROLLBACK, CONTINUE)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ after `PROMETHEUS_MULTIPROC_DIR` is set (gunicorn's config does that before impo
 
 from __future__ import annotations
 
-from abfleet.decision import DECISIONS
+from abfleet.decision import OUTCOMES
 
 REQUESTS = "abfleet_requests_total"  # labels: variant, model_version, endpoint, status
 LATENCY = "abfleet_request_latency_seconds"  # histogram; labels: variant, endpoint
@@ -112,7 +112,7 @@ class FleetStateCollector:
         if weight is not None:
             yield GaugeMetricFamily(ROUTER_CANDIDATE_WEIGHT, "Percent of users the router sends to the candidate", value=float(weight))
         decisions = CounterMetricFamily(_strip_total(DECISIONS), "Evaluation decisions", labels=["decision"])
-        for decision in DECISIONS:
+        for decision in OUTCOMES:
             decisions.add_metric([decision], float(counts.get(decision, 0)))
         yield decisions
         if last is not None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from abfleet import fleet
+from abfleet.metrics import DECISIONS, ROUTER_CANDIDATE_WEIGHT, FleetStateCollector
 from abfleet.settings import Settings
+from abfleet.store import open_store
 from tests.conftest import free_port
 
 
@@ -31,3 +33,17 @@ def test_without_a_token_the_reload_is_reported_as_skipped(tmp_path):
     out = fleet.reload_servers(settings)
     assert set(out) == {"production", "candidate"}
     assert all(v.startswith("skipped (no admin token") and "within 9s" in v for v in out.values())
+
+
+def test_the_production_server_exports_the_recorded_weight_else_the_configured_one(tmp_path):
+    with open_store(Settings(run_dir=tmp_path)) as store:
+        exported = {f.name: f for f in FleetStateCollector(store, fallback_weight=15).collect()}
+        assert exported[ROUTER_CANDIDATE_WEIGHT].samples[0].value == 15.0
+        assert {s.labels["decision"] for s in exported[DECISIONS.removesuffix("_total")].samples} == {
+            "promote", "rollback", "continue"}
+        store.set_state("candidate_weight", 40)
+        exported = {f.name: f for f in FleetStateCollector(store, fallback_weight=15).collect()}
+        assert exported[ROUTER_CANDIDATE_WEIGHT].samples[0].value == 40.0
+    (tmp_path / "fresh").mkdir()
+    with open_store(Settings(run_dir=tmp_path / "fresh")) as store:
+        assert ROUTER_CANDIDATE_WEIGHT not in {f.name for f in FleetStateCollector(store).collect()}
