@@ -11,7 +11,6 @@ Airflow runs in child processes with `airflow_env(settings)`.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -21,8 +20,8 @@ from pathlib import Path
 
 import requests
 
+from abfleet.procs import ProcessError, Service, child_env, venv_bin
 from abfleet.settings import Settings, project_root
-from abfleet.stack import Service, StackError, _bin
 
 # The local stack's Airflow login: it listens on loopback only (SimpleAuthManager, dev-only).
 ADMIN_USER = "admin"
@@ -31,7 +30,7 @@ SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_mana
 FINAL_STATES = ("success", "failed")
 
 
-class AirflowLocalError(StackError):
+class AirflowLocalError(ProcessError):
     """Airflow did not do what was asked; the message says what it answered."""
 
 
@@ -45,14 +44,10 @@ def dags_folder() -> Path:
     return project_root() / "dags"
 
 
-def api_url(settings: Settings) -> str:
-    return f"http://{settings.host}:{settings.airflow_port}"
-
-
 def airflow_env(settings: Settings) -> dict[str, str]:
     """Environment for every Airflow process: Airflow's configuration plus the fleet's settings."""
     home = airflow_home(settings)
-    base = api_url(settings)
+    base = settings.airflow_url
     return {
         **settings.env(),
         "AIRFLOW_HOME": str(home),
@@ -93,13 +88,6 @@ def prepare(settings: Settings) -> Path:
     return home
 
 
-def _child_env(settings: Settings) -> dict[str, str]:
-    env = {**os.environ, **airflow_env(settings)}
-    # `airflow standalone` runs its components as `airflow ...` from PATH: the venv's first.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
 def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
@@ -118,7 +106,7 @@ def migrate(settings: Settings, *, timeout: float = 300.0) -> None:
     if (home / "airflow.db").exists() and stamp.exists() and stamp.read_text().strip() == version:
         return
     proc = subprocess.run(
-        [_bin("airflow"), "db", "migrate"], env=_child_env(settings), cwd=project_root(),
+        [venv_bin("airflow"), "db", "migrate"], env=child_env(settings, airflow_env(settings)), cwd=project_root(),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
     )
     if proc.returncode != 0:
@@ -134,8 +122,8 @@ def service(settings: Settings) -> Service:
     """
     prepare(settings)
     return Service(
-        "airflow", settings.airflow_port, [_bin("airflow"), "standalone"],
-        f"{api_url(settings)}/api/v2/monitor/health", "airflow standalone",
+        "airflow", settings.airflow_port, [venv_bin("airflow"), "standalone"],
+        f"{settings.airflow_url}/api/v2/monitor/health", "airflow standalone",
         env=airflow_env(settings), timeout=240,
     )
 
@@ -144,10 +132,10 @@ def service(settings: Settings) -> Service:
 
 def token(settings: Settings) -> str:
     """A JWT for the local admin (`POST /auth/token`)."""
-    r = requests.post(f"{api_url(settings)}/auth/token",
+    r = requests.post(f"{settings.airflow_url}/auth/token",
                       json={"username": ADMIN_USER, "password": ADMIN_PASSWORD}, timeout=30)
     if r.status_code != 201:
-        raise AirflowLocalError(f"Airflow refused the login at {api_url(settings)}: {r.status_code} {r.text[:200]}")
+        raise AirflowLocalError(f"Airflow refused the login at {settings.airflow_url}: {r.status_code} {r.text[:200]}")
     return r.json()["access_token"]
 
 
@@ -177,7 +165,7 @@ def _write(s: requests.Session, method: str, url: str, body: dict, what: str, tr
 def healthy(settings: Settings) -> bool:
     """True when the API server answers and the metadata database and scheduler are healthy."""
     try:
-        body = requests.get(f"{api_url(settings)}/api/v2/monitor/health", timeout=5).json()
+        body = requests.get(f"{settings.airflow_url}/api/v2/monitor/health", timeout=5).json()
     except (requests.RequestException, ValueError):
         return False
     return all((body.get(part) or {}).get("status") == "healthy" for part in ("metadatabase", "scheduler"))
@@ -188,7 +176,7 @@ def wait_for_dag(settings: Settings, dag_id: str, *, timeout: float = 120.0, ses
     s = session or _session(settings)
     deadline = time.monotonic() + timeout
     while True:
-        r = s.get(f"{api_url(settings)}/api/v2/dags/{dag_id}", timeout=30)
+        r = s.get(f"{settings.airflow_url}/api/v2/dags/{dag_id}", timeout=30)
         if r.status_code != 404 or time.monotonic() > deadline:
             return _check(r, f"show DAG {dag_id} (is it in {dags_folder()}?)")
         time.sleep(2)
@@ -197,7 +185,7 @@ def wait_for_dag(settings: Settings, dag_id: str, *, timeout: float = 120.0, ses
 def set_paused(settings: Settings, dag_id: str, paused: bool) -> None:
     s = _session(settings)
     wait_for_dag(settings, dag_id, session=s)
-    _write(s, "PATCH", f"{api_url(settings)}/api/v2/dags/{dag_id}", {"is_paused": paused},
+    _write(s, "PATCH", f"{settings.airflow_url}/api/v2/dags/{dag_id}", {"is_paused": paused},
            f"{'pause' if paused else 'unpause'} {dag_id}")
 
 
@@ -206,14 +194,14 @@ def trigger_dag(settings: Settings, dag_id: str, conf: dict | None = None, *, ti
     s = _session(settings)
     wait_for_dag(settings, dag_id, timeout=timeout, session=s)
     body = {"logical_date": None, "conf": conf or {}}
-    run = _write(s, "POST", f"{api_url(settings)}/api/v2/dags/{dag_id}/dagRuns", body, f"trigger {dag_id}")
+    run = _write(s, "POST", f"{settings.airflow_url}/api/v2/dags/{dag_id}/dagRuns", body, f"trigger {dag_id}")
     return run["dag_run_id"]
 
 
 def wait_for_run(settings: Settings, dag_id: str, run_id: str, timeout: float = 600.0) -> str:
     """Poll a run until it ends; return its final state ("success" or "failed")."""
     s = _session(settings)
-    url = f"{api_url(settings)}/api/v2/dags/{dag_id}/dagRuns/{run_id}"
+    url = f"{settings.airflow_url}/api/v2/dags/{dag_id}/dagRuns/{run_id}"
     deadline = time.monotonic() + timeout
     state = None
     while time.monotonic() < deadline:
@@ -270,7 +258,7 @@ def test_dag(settings: Settings, dag_file_or_id: str | Path, conf: dict | None =
     """
     migrate(settings)
     path, dag_id = dag_file(dag_file_or_id)
-    env = _child_env(settings)
+    env = child_env(settings, airflow_env(settings))
     if path.is_file() and path.parent != dags_folder():
         # dag.test() serialises the DAGs of the configured DAGs folder, not the file it was given.
         env["AIRFLOW__CORE__DAGS_FOLDER"] = str(path.parent)

@@ -20,15 +20,16 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
-from abfleet import api
-from abfleet.settings import Settings, project_root
+import requests
+
+from abfleet import api, procs, registry, router
+from abfleet.procs import child_env, free_port, port_taken, venv_bin
+from abfleet.settings import Settings
 
 CONNECTIONS = 32
 DURATION_S = 10.0
@@ -97,12 +98,6 @@ class BenchError(RuntimeError):
     """The benchmark could not run; the message says what to do."""
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def machine() -> dict:
     model = platform.processor() or ""
     try:
@@ -136,39 +131,13 @@ class Proc:
 
     def __init__(self, name: str, argv: list[str], env: dict, log: Path):
         self.name, self.log = name, log
-        self.popen = subprocess.Popen(argv, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, cwd=project_root(), start_new_session=True)
+        self.popen = procs.start(argv, env, log)
 
     def wait_ready(self, check: Callable[[], bool], timeout: float) -> None:
-        import requests
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise BenchError(f"{self.name} exited at start (code {self.popen.returncode}): see {self.log}")
-            try:
-                if check():
-                    return
-            except (requests.RequestException, ValueError):  # not up yet, or nginx's own error page
-                pass
-            time.sleep(0.3)
-        raise BenchError(f"{self.name} was not ready after {timeout:.0f}s: see {self.log}")
+        procs.wait_ready(self.popen, check, name=self.name, log=self.log, timeout=timeout, error=BenchError)
 
     def stop(self) -> None:
-        from abfleet import stack
-
-        if self.popen.poll() is None:
-            stack._stop(self.popen.pid)
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def _env(settings: Settings, **extra: str) -> dict:
-    env = {**os.environ, **settings.env(), **extra}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
+        procs.stop_child(self.popen)
 
 
 # ---- measuring ------------------------------------------------------------------------
@@ -209,10 +178,6 @@ def side(numbers: dict, endpoint: str) -> dict:
 def run(settings: Settings, *, duration: float = DURATION_S, connections: int = CONNECTIONS,
         warmup: float = WARMUP_S, say: Callable[[str], None] = print) -> dict:
     """Run the three measurements; return the result document (see the module docstring)."""
-    import requests
-
-    from abfleet import registry, router
-
     wrk_binary()
     nginx = router.nginx_binary()
     if nginx is None:
@@ -242,24 +207,24 @@ def run(settings: Settings, *, duration: float = DURATION_S, connections: int = 
     servers = "".join(NGINX_SERVER.format(name=name, backend=f"{host}:{ports[name]}", listen=f"{host}:{ports['nginx_' + name]}")
                       for name in ("app", "mlflow"))
     conf.write_text(NGINX_CONF.format(user="user root;\n" if os.geteuid() == 0 else "", run=run_dir, servers=servers))
-    front = {name: f"http://{host}:{ports['nginx_' + name]}" for name in ("app", "mlflow")}
+    front = {name: settings.local_url(ports["nginx_" + name]) for name in ("app", "mlflow")}
 
     result: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine()}
-    procs: list[Proc] = []
+    running: list[Proc] = []
     try:
         say(f"bench: model {settings.model_name} v{version}; {connections} connections, {duration:g}s each; in {run_dir}")
-        procs.append(Proc("nginx", [nginx, "-p", str(run_dir), "-c", str(conf), "-e", str(run_dir / "nginx-error.log"),
-                                    "-g", "daemon off;"], _env(settings), run_dir / "logs" / "nginx.log"))
-        procs[-1].wait_ready(lambda: _answers(host, ports["nginx_app"]), 20)
+        running.append(Proc("nginx", [nginx, "-p", str(run_dir), "-c", str(conf), "-e", str(run_dir / "nginx-error.log"),
+                                    "-g", "daemon off;"], child_env(settings), run_dir / "logs" / "nginx.log"))
+        running[-1].wait_ready(lambda: port_taken(host, ports["nginx_app"]), 20)
 
         # (a) and (b): our server, as `abfleet serve` runs it, with a store of its own.
         app_settings = settings.replace(run_dir=run_dir / "server", workers=WORKERS,
                                         database_url=f"sqlite:///{run_dir / 'store.db'}")
-        app = Proc("model server", [str(Path(sys.executable).parent / "abfleet"), "serve", "--variant", "production",
+        app = Proc("model server", [venv_bin("abfleet"), "serve", "--variant", "production",
                                     "--port", str(ports["app"])],
-                   _env(app_settings, VARIANT="production", PROMETHEUS_MULTIPROC_DIR=str(run_dir / "metrics")),
+                   child_env(app_settings, {"VARIANT": "production", "PROMETHEUS_MULTIPROC_DIR": str(run_dir / "metrics")}),
                    run_dir / "logs" / "server.log")
-        procs.append(app)
+        running.append(app)
         app.wait_ready(lambda: requests.get(f"{front['app']}{api.HEALTH}", timeout=2).json().get("model_version") == version, 120)
         probe = requests.post(f"{front['app']}{api.PREDICT}", data=ours[0],
                               headers={"Content-Type": "application/json"}, timeout=10)
@@ -276,15 +241,15 @@ def run(settings: Settings, *, duration: float = DURATION_S, connections: int = 
                                 f"{method} {path}")
             say(f"    {_fmt(result[name])}")
         app.stop()
-        procs.remove(app)
+        running.remove(app)
 
         # (c): MLflow's own server for the same registered version.
         mlflow = Proc("mlflow models serve",
-                      [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+                      [venv_bin("mlflow"), "models", "serve", "-m",
                        f"models:/{settings.model_name}/{version}", "--env-manager", "local", "-w", str(WORKERS),
                        "-h", host, "-p", str(ports["mlflow"])],
-                      _env(settings), run_dir / "logs" / "mlflow-serve.log")
-        procs.append(mlflow)
+                      child_env(settings), run_dir / "logs" / "mlflow-serve.log")
+        running.append(mlflow)
         mlflow.wait_ready(lambda: requests.get(f"{front['mlflow']}/ping", timeout=2).status_code == 200, 180)
         probe = requests.post(f"{front['mlflow']}/invocations", data=theirs[0],
                               headers={"Content-Type": "application/json"}, timeout=30)
@@ -298,7 +263,7 @@ def run(settings: Settings, *, duration: float = DURATION_S, connections: int = 
                                         run_dir / "mlflow.lua"), "POST /invocations")
         say(f"    {_fmt(result['mlflow'])}")
     finally:
-        for proc in reversed(procs):
+        for proc in reversed(running):
             proc.stop()
 
     result["ratios"] = {
@@ -316,12 +281,6 @@ def run(settings: Settings, *, duration: float = DURATION_S, connections: int = 
     result["run_dir"] = str(run_dir)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
-
-
-def _answers(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
 
 
 def _fmt(s: dict) -> str:

@@ -14,7 +14,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from abfleet.settings import VARIANTS, Settings, process_environ
+from abfleet import bench, evaluation, load, objects, router, stack
+from abfleet.decision import PROMOTE, ROLLBACK, decide
+from abfleet.settings import VARIANTS, Settings, decision_policy, process_environ, project_root
+from abfleet.store import open_store
 
 
 def _say(message: str) -> None:
@@ -31,8 +34,6 @@ def _emit(args: argparse.Namespace, document: dict, text: str) -> None:
 # ---- commands ---------------------------------------------------------------------
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from abfleet import router, stack
-
     weight = router.parse_weights(args.weights) if args.weights else None
     _say(f"starting the local fleet in {settings.run_dir}")
     state = stack.up(settings, candidate_weight=weight, with_airflow=args.with_airflow, say=_say)
@@ -43,16 +44,12 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
-    from abfleet import stack
-
     stopped = stack.down(settings, say=_say)
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     return 0
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from abfleet import stack
-
     state = stack.status(settings)
     _emit(args, state, _status_text(state))
     return 0
@@ -76,7 +73,7 @@ def _status_text(state: dict) -> str:
 
 
 def cmd_data_synth(args: argparse.Namespace, settings: Settings) -> int:
-    from abfleet import data
+    from abfleet import data  # pandas: only for the commands that read data
 
     frame = data.synth(args.rows, args.seed)
     out = Path(args.out)
@@ -87,7 +84,7 @@ def cmd_data_synth(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_data_publish(args: argparse.Namespace, settings: Settings) -> int:
-    from abfleet import data, objects
+    from abfleet import data  # pandas: only for the commands that read data
 
     data.read_raw(args.csv)  # refuse a file without the raw schema before storing it
     store = objects.open_store(settings)
@@ -97,14 +94,12 @@ def cmd_data_publish(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    from abfleet import train
+    from abfleet import train  # pandas and scikit-learn: only for this command
 
     if args.from_store:
-        from abfleet import train as training
-
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            result = training.train_candidate(settings, progress=_say)
+            result = train.train_candidate(settings, progress=_say)
         _emit(args, result, f"version {result['version']}: {'@candidate' if result['candidate_set'] else 'not made candidate'} ({result['reason']})")
         return 0
     if not args.data:
@@ -125,8 +120,6 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run one model server under gunicorn (the container runs this same command)."""
-    from abfleet.settings import project_root
-
     settings = settings.replace(variant=args.variant or settings.variant, bind=f"{settings.host}:{args.port}" if args.port else settings.bind)
     # prometheus_client finds its folder by this name, in every worker.
     env = process_environ({**settings.env(), "PROMETHEUS_MULTIPROC_DIR": str(settings.metrics_dir)})
@@ -139,8 +132,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_decide(args: argparse.Namespace, settings: Settings) -> int:
-    from abfleet.decision import DecisionPolicy, decide
-
     try:
         stats = json.loads(Path(args.stats).read_text())
     except FileNotFoundError:
@@ -149,7 +140,7 @@ def cmd_decide(args: argparse.Namespace, settings: Settings) -> int:
         raise ValueError(f"--stats {args.stats}: not JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(stats, dict):
         raise ValueError(f"--stats {args.stats}: expected a JSON object with window_hours, weights, variants")
-    outcome = decide(stats, DecisionPolicy.from_env())
+    outcome = decide(stats, decision_policy())
     _emit(args, outcome, _decision_text(outcome))
     return 0
 
@@ -163,8 +154,6 @@ def _decision_text(outcome: dict) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    from abfleet import evaluation
-
     record = evaluation.evaluate(settings, dry_run=args.dry_run, source="cli")
     text = _decision_text(record) + ("\n(dry run: nothing changed, nothing recorded)" if args.dry_run else
                                      f"\nrecorded as decision #{record.get('id')}" + (" and applied" if record["applied"] else ""))
@@ -173,8 +162,6 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_manual(args: argparse.Namespace, settings: Settings) -> int:
-    from abfleet import evaluation
-
     record = evaluation.manual(settings, args.command, args.reason)
     action = record.get("action") or {}
     _emit(args, record, f"{args.command}: done ({', '.join(f'{k}={v}' for k, v in action.items())}); decision #{record['id']}")
@@ -182,8 +169,6 @@ def cmd_manual(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
-    from abfleet.store import open_store
-
     with open_store(settings) as store:
         rows = store.decision_history(limit=args.limit)
     if args.json:
@@ -198,7 +183,7 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_drift(args: argparse.Namespace, settings: Settings) -> int:
-    from abfleet import drift
+    from abfleet import drift  # pandas and Evidently: only for this command
 
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -280,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_evaluate)
 
-    for name, text in (("promote", "make the candidate production (manual override, audited)"),
-                       ("rollback", "remove the candidate (manual override, audited)")):
+    for name, text in ((PROMOTE, "make the candidate production (manual override, audited)"),
+                       (ROLLBACK, "remove the candidate (manual override, audited)")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--reason", help="why, for the audit trail")
         p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -294,8 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="where to write the HTML report for two files (default: the run directory)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_drift)
-
-    from abfleet import bench, load  # light modules: their heavy imports happen in their commands
 
     load.add_load_parser(sub)
     bench.add_bench_parser(sub)

@@ -32,18 +32,23 @@ ape_alpha_share) over an experiment that switches APE on part-way.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 ARMS = ("production", "candidate")
 
+# The three outcomes of `decide`, and of every evaluation record.
+PROMOTE = "promote"
+ROLLBACK = "rollback"
+CONTINUE = "continue"
+OUTCOMES = (PROMOTE, ROLLBACK, CONTINUE)
+
 
 @dataclass(frozen=True)
 class DecisionPolicy:
-    """Every threshold of `decide`; override field F with env var ABFLEET_DECISION_<F>."""
+    """Every threshold of `decide`; `abfleet.settings.decision_policy()` overrides field F
+    with env var ABFLEET_DECISION_<F>."""
 
     min_requests: int = 50
     min_ratings: int = 10
@@ -84,22 +89,6 @@ class DecisionPolicy:
         if min(self.accuracy_weight, self.latency_weight, self.promote_score_gain,
                self.rollback_score_loss, self.max_error_rate_increase) < 0:
             raise ValueError("weights, score thresholds and error increase must be >= 0")
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "DecisionPolicy":
-        """Defaults overridden by ABFLEET_DECISION_<FIELD>; raises ValueError on bad values."""
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            name = f"ABFLEET_DECISION_{f.name.upper()}"
-            raw = environ.get(name)
-            if raw is None or raw.strip() == "":
-                continue
-            kind = type(f.default)  # int or float: the default fixes the type
-            try:
-                values[f.name] = kind(raw.strip())
-            except ValueError:
-                raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
-        return cls(**values)
 
 
 def _num(x: Any) -> float | None:
@@ -261,11 +250,11 @@ def decide(stats: Mapping[str, Any], policy: DecisionPolicy | None = None) -> di
         ("latency_p95_ms", p95[a]), ("ratings", rat[a]), ("ape", ape[a])) if v is None]
     checks: dict[str, Any] = {}
     flags: list[str] = []
-    out = {"decision": "continue", "reasons": [], "checks": checks, "score": {}, "flags": flags}
+    out = {"decision": CONTINUE, "reasons": [], "checks": checks, "score": {}, "flags": flags}
 
     def finish(decision: str, reason: str) -> dict[str, Any]:
-        if decision == "continue" and window is not None and window >= p.max_runtime_hours:
-            decision = "rollback"  # rule 7 also ends experiments stuck earlier
+        if decision == CONTINUE and window is not None and window >= p.max_runtime_hours:
+            decision = ROLLBACK  # rule 7 also ends experiments stuck earlier
             reason = f"no significant difference after {p.max_runtime_hours:g} h ({reason})"
         if missing:
             flags.append("missing_data")
@@ -288,7 +277,7 @@ def decide(stats: Mapping[str, Any], policy: DecisionPolicy | None = None) -> di
     checks["min_samples"]["status"] = ("missing" if None in req.values() else
                                        "fail" if short else "pass")
     if window is None or short:
-        return finish("continue", "not enough requests yet: " + ", ".join(
+        return finish(CONTINUE, "not enough requests yet: " + ", ".join(
             f"{a}={req[a]}" for a in short) if short else "window_hours unknown")
 
     # Rule 2: guardrails on the request-level metrics.
@@ -307,15 +296,15 @@ def decide(stats: Mapping[str, Any], policy: DecisionPolicy | None = None) -> di
                               f"{e.get('limit', 0):.4f} and significantly above production",
                 "latency_p95": f"candidate p95 {lat.get('p95_candidate_ms')} ms > limit "
                                f"{lat.get('limit_ms', 0):.1f} ms"}
-        return finish("rollback", "guardrail failed: " + "; ".join(msgs[k] for k in tripped))
+        return finish(ROLLBACK, "guardrail failed: " + "; ".join(msgs[k] for k in tripped))
     # Rule 3: a skewed split means the comparison below is biased.
     if checks["srm"]["status"] == "fail":
         flags.append("srm")
-        return finish("continue", f"sample ratio mismatch (p={checks['srm']['p_value']:.2g} < "
+        return finish(CONTINUE, f"sample ratio mismatch (p={checks['srm']['p_value']:.2g} < "
                                   f"{p.srm_p_value:g}); not comparing arms")
     # Rule 4: ratings are the primary metric; fewer than the minimum is pure noise.
     if few:
-        return finish("continue", "not enough star ratings yet: " + ", ".join(
+        return finish(CONTINUE, "not enough star ratings yet: " + ", ".join(
             f"{a}={n_rat[a]}" for a in few))
 
     # Rule 5/6: primary comparison and composite score.
@@ -343,21 +332,21 @@ def decide(stats: Mapping[str, Any], policy: DecisionPolicy | None = None) -> di
     checks["primary"] = {"status": verdict}
     if verdict == "worse":
         bad = [k for k in ("ratings", "ape") if checks[k]["status"] == "worse"]
-        return finish("rollback", "candidate significantly worse on " + ", ".join(bad))
+        return finish(ROLLBACK, "candidate significantly worse on " + ", ".join(bad))
     if rel is not None and rel <= -p.rollback_score_loss:
-        return finish("rollback", f"candidate score {rel:+.1%} vs production "
+        return finish(ROLLBACK, f"candidate score {rel:+.1%} vs production "
                                   f"(limit -{p.rollback_score_loss:.0%})")
     if verdict == "better" and rel is not None and rel >= p.promote_score_gain:
         if missing or checks["srm"]["status"] != "pass":
             flags.append("would_promote")
-            return finish("continue", "would promote, but data is missing")
+            return finish(CONTINUE, "would promote, but data is missing")
         if window < p.min_runtime_hours:
             flags.append("would_promote")
-            return finish("continue", f"would promote, waiting until {p.min_runtime_hours:g} h "
+            return finish(CONTINUE, f"would promote, waiting until {p.min_runtime_hours:g} h "
                                       f"(now {window:g} h)")
-        return finish("promote", f"candidate significantly better, score {rel:+.1%}")
+        return finish(PROMOTE, f"candidate significantly better, score {rel:+.1%}")
     if verdict == "better":
-        return finish("continue", "candidate significantly better but score gain "
+        return finish(CONTINUE, "candidate significantly better but score gain "
                                   f"{'unknown' if rel is None else f'{rel:+.1%}'} < "
                                   f"{p.promote_score_gain:.0%}")
-    return finish("continue", "no significant difference yet")
+    return finish(CONTINUE, "no significant difference yet")

@@ -48,7 +48,7 @@ def ensure_models(settings: Settings) -> dict[str, str]:
 def wait_serving(settings: Settings, versions: dict[str, str], timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     for variant in ("production", "candidate"):
-        url = f"http://{settings.host}:{settings.port_of(variant)}{api.HEALTH}"
+        url = f"{settings.server_url(variant)}{api.HEALTH}"
         while True:
             try:
                 if requests.get(url, timeout=3).json().get("model_version") == versions[variant]:
@@ -62,7 +62,7 @@ def wait_serving(settings: Settings, versions: dict[str, str], timeout: float = 
 
 def drive_traffic(settings: Settings, requests_count: int = 300) -> collections.Counter:
     """Distinct users ask for estimates through the router; every tenth one rates it."""
-    router = f"http://{settings.host}:{settings.router_port}"
+    router = settings.router_url
     frame = data.clean(data.synth(4 * requests_count, seed=99)).frame
     flats = api.acceptable_rows(frame, data.known_locations()).to_dict("records")
 

@@ -11,13 +11,12 @@ import argparse
 import csv
 import datetime as dt
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from abfleet import api
-from abfleet.settings import Settings, project_root
+from abfleet.settings import Settings, process_environ, project_root
 
 LOCUSTFILE = Path("tests") / "load" / "locustfile.py"
 
@@ -61,7 +60,7 @@ def run(settings: Settings, users: int, duration: float, *, spawn_rate: float | 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = Path(out_dir) if out_dir else settings.run_dir / "load" / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
-    host = f"http://{settings.host}:{settings.router_port}"
+    host = settings.router_url
     locust = Path(sys.executable).parent / "locust"
     if not locust.exists():
         raise FileNotFoundError("locust is not installed in this environment: run `make install`")
@@ -70,7 +69,7 @@ def run(settings: Settings, users: int, duration: float, *, spawn_rate: float | 
             "--users", str(users), "--spawn-rate", f"{rate:g}", "--run-time", f"{max(1, round(duration))}s",
             "--stop-timeout", "10", "--csv", str(out_dir / "stats"), "--html", str(out_dir / "report.html"),
             "--only-summary", "--loglevel", "WARNING", "--exit-code-on-error", "1"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project_root()), os.environ.get("PYTHONPATH")]))}
+    env = process_environ(python_path=[project_root()])
     log_path = out_dir / "locust.log"
     say(f"locust: {users} users for {duration:g}s against {host}; output in {out_dir}")
     with log_path.open("wb") as log:

@@ -7,6 +7,8 @@ after `PROMETHEUS_MULTIPROC_DIR` is set (gunicorn's config does that before impo
 
 from __future__ import annotations
 
+from abfleet.decision import OUTCOMES
+
 REQUESTS = "abfleet_requests_total"  # labels: variant, model_version, endpoint, status
 LATENCY = "abfleet_request_latency_seconds"  # histogram; labels: variant, endpoint
 RATINGS = "abfleet_ratings_total"  # labels: variant, model_version, stars
@@ -17,7 +19,8 @@ APE_SUM_SQ = "abfleet_ape_sum_squares_total"
 MODEL_INFO = "abfleet_model_info"  # gauge 1; labels: variant, model_version, alias, fallback
 MODEL_SWAPS = "abfleet_model_swaps_total"  # labels: variant
 
-# Drift and decision gauges are written by the pipeline side, not by the model servers.
+# Pipeline-side facts (drift, decisions, the router's weight): the production server exports
+# them from the store (FleetStateCollector), so they exist once per fleet.
 DRIFT_SHARE = "abfleet_drift_share_drifted"
 DRIFT_DETECTED = "abfleet_drift_detected"
 DRIFT_COLUMN_SCORE = "abfleet_drift_column_score"
@@ -90,24 +93,26 @@ class ServerMetrics:
 class FleetStateCollector:
     """Pipeline-side facts read from the store at scrape time: the router's weight, the
     decisions taken, the latest drift summary. Only the production server exports them, so
-    each series exists once."""
+    each series exists once. Where no weight was recorded in the store (compose, AWS), the
+    weight is `fallback_weight`: the ABFLEET_CANDIDATE_WEIGHT the router was started with."""
 
-    def __init__(self, store):
+    def __init__(self, store, fallback_weight: int | None = None):
         self.store = store
+        self.fallback_weight = fallback_weight
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         try:
             counts, last = self.store.decision_counts()
-            weight = self.store.get_state("candidate_weight")
+            weight = self.store.get_state("candidate_weight", self.fallback_weight)
             drift = self.store.get_state("drift_summary")
         except Exception:  # a store outage must not break the servers' own metrics
             return
         if weight is not None:
             yield GaugeMetricFamily(ROUTER_CANDIDATE_WEIGHT, "Percent of users the router sends to the candidate", value=float(weight))
         decisions = CounterMetricFamily(_strip_total(DECISIONS), "Evaluation decisions", labels=["decision"])
-        for decision in ("promote", "rollback", "continue"):
+        for decision in OUTCOMES:
             decisions.add_metric([decision], float(counts.get(decision, 0)))
         yield decisions
         if last is not None:

@@ -115,7 +115,7 @@ class FastPredictor:
         self._trees: HistGradientBoostingRegressor = pipeline.named_steps["trees"]
         self._inverse = model.inverse_func
         # None when the estimator holds something the compiler does not know: sklearn then predicts.
-        self._compiled = CompiledTrees.build(self._trees)
+        self.compiled = CompiledTrees.build(self._trees)
 
     def knows(self, location: str) -> bool:
         return location in self._codes
@@ -131,15 +131,15 @@ class FastPredictor:
 
     def predict_one(self, location: str, total_sqft: float, bhk: int, bath: int) -> float:
         code = self._codes[location]
-        if self._compiled is not None:
-            return float(self._inverse(self._compiled.raw_one((code, total_sqft, bhk, bath))))
+        if self.compiled is not None:
+            return float(self._inverse(self.compiled.raw_one((code, total_sqft, bhk, bath))))
         row = np.array([[code, total_sqft, bhk, bath]], dtype=np.float64)
         return float(self._inverse(self._trees.predict(row))[0])
 
     def predict_many(self, frame: pd.DataFrame) -> np.ndarray:
         codes = frame["location"].map(self._codes).to_numpy(dtype=np.float64)
         rows = np.column_stack([codes, frame[NUMERIC].to_numpy(dtype=np.float64)])
-        raw = self._compiled.raw_many(rows) if self._compiled is not None else self._trees.predict(rows)
+        raw = self.compiled.raw_many(rows) if self.compiled is not None else self._trees.predict(rows)
         return np.asarray(self._inverse(raw), dtype=float)
 
 

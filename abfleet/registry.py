@@ -5,10 +5,11 @@ Versions are never deleted here: promotion and rollback only move aliases and ta
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
-import os
 
-from abfleet.settings import VARIANTS, Settings
+from abfleet.decision import PROMOTE, ROLLBACK
+from abfleet.settings import VARIANTS, Settings, set_mlflow_client_defaults
 
 
 class RegistryError(RuntimeError):
@@ -28,10 +29,7 @@ def client(settings: Settings):
     """An MLflow client for the configured tracking server (also set as mlflow's default)."""
     import mlflow
 
-    # Artifact up/downloads go through the tracking server (proxied), so clients need
-    # no object-store credentials; quick retries keep a dead server from hanging a command.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    set_mlflow_client_defaults()
     mlflow.set_tracking_uri(settings.tracking_uri)
     return _client(settings.tracking_uri)
 
@@ -97,7 +95,7 @@ def promote(settings: Settings, reasons: list[str], source: str) -> dict:
     tag_version(settings, candidate, {"promoted_at": now, "promoted_by": source, "promoted_reasons": why})
     if previous and previous != candidate:
         tag_version(settings, previous, {"retired": now, "retired_by": source, "retired_for": candidate})
-    return {"action": "promote", "production_version": candidate, "previous_production_version": previous}
+    return {"action": PROMOTE, "production_version": candidate, "previous_production_version": previous}
 
 
 def rollback(settings: Settings, reasons: list[str], source: str) -> dict:
@@ -107,12 +105,10 @@ def rollback(settings: Settings, reasons: list[str], source: str) -> dict:
         raise RegistryError("there is no @candidate to roll back")
     delete_alias(settings, "candidate")
     tag_version(settings, candidate, {"rolled_back": _now(), "rolled_back_by": source, "rolled_back_reasons": _join(reasons)})
-    return {"action": "rollback", "rolled_back_version": candidate, "production_version": version_for(settings, "production")}
+    return {"action": ROLLBACK, "rolled_back_version": candidate, "production_version": version_for(settings, "production")}
 
 
 def _now() -> str:
-    import datetime as dt
-
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 

@@ -1,10 +1,17 @@
-"""The nginx router's configuration, rendered from `router/nginx.conf.j2`."""
+"""The nginx router's configuration, rendered from `router/nginx.conf.j2`.
+
+The local stack renders it before it starts nginx; the router container renders it at every
+start (`python -m abfleet.router`), from the same ABFLEET_ settings the servers and the
+pipeline are given, so the split the router applies is the one the evaluation checks.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from abfleet.settings import Settings, project_root
@@ -65,3 +72,26 @@ def nginx_command(settings: Settings, config: Path) -> list[str]:
         raise FileNotFoundError("nginx is not installed: run `sudo apt-get install -y nginx` (or `make install-system`)")
     return [binary, "-p", str(settings.run_dir), "-c", str(config), "-e", str(settings.run_dir / "logs" / "nginx-error.log"),
             "-g", "daemon off;"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The router container's start: render nginx.conf from the environment's settings, then
+    become nginx (or, with --check, test the rendered config and exit with nginx's verdict)."""
+    parser = argparse.ArgumentParser(prog="python -m abfleet.router", description=main.__doc__)
+    parser.add_argument("--production-servers", default="infer-prod:8000", help="comma-separated host:port list")
+    parser.add_argument("--candidate-servers", default="infer-cand:8000", help="comma-separated host:port list")
+    parser.add_argument("--check", action="store_true", help="run `nginx -t` on the rendered config instead of nginx")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    config = write_config(settings, production_servers=args.production_servers.split(","),
+                          candidate_servers=args.candidate_servers.split(","))
+    command = nginx_command(settings, config)
+    if args.check:
+        command = [*command[:-2], "-t"]
+    print(f"abfleet.router: {config} with candidate weight {settings.candidate_weight}%", file=sys.stderr, flush=True)
+    os.execv(command[0], command)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

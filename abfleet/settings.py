@@ -12,7 +12,9 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping, Sequence
+
+from abfleet.decision import DecisionPolicy
 
 VARIANTS = ("production", "candidate")
 
@@ -55,7 +57,9 @@ class Settings:
     prometheus_port: int = 9090
     airflow_port: int = 8080
 
-    # Candidate share of users, in percent; production gets the rest.
+    # Candidate share of users, in percent; production gets the rest. The fleet's weight
+    # is the store's `candidate_weight` row when one is written (the local stack writes it);
+    # this value is the fallback, and the router of compose and AWS renders it at start.
     candidate_weight: int = 20
 
     # Empty means "the local stack's default", filled in by the properties below.
@@ -107,6 +111,9 @@ class Settings:
     reload_interval: float = 15.0
     # Shared secret for POST /api/admin/reload; empty disables the endpoint.
     admin_token: str = ""
+    # A file holding that secret when admin_token is empty (a compose or ECS secret);
+    # empty means <run_dir>/admin-token, which the local stack creates.
+    admin_token_file: str = ""
     max_body_bytes: int = 64 * 1024
 
     # ---- derived locations -------------------------------------------------
@@ -116,7 +123,28 @@ class Settings:
 
     @property
     def tracking_uri(self) -> str:
-        return self.mlflow_tracking_uri or f"http://{self.host}:{self.mlflow_port}"
+        return self.mlflow_tracking_uri or self.local_url(self.mlflow_port)
+
+    def local_url(self, port: int) -> str:
+        """The URL of a local-stack process listening on `port` of `host`."""
+        return f"http://{self.host}:{port}"
+
+    @property
+    def router_url(self) -> str:
+        return self.local_url(self.router_port)
+
+    @property
+    def prometheus_api(self) -> str:
+        """Where Prometheus answers queries: prometheus_url, else the local stack's."""
+        return (self.prometheus_url or self.local_url(self.prometheus_port)).rstrip("/")
+
+    @property
+    def airflow_url(self) -> str:
+        return self.local_url(self.airflow_port)
+
+    @property
+    def admin_token_path(self) -> Path:
+        return Path(self.admin_token_file) if self.admin_token_file else self.run_dir / "admin-token"
 
     @property
     def artifact_destination(self) -> str:
@@ -135,7 +163,7 @@ class Settings:
 
     def server_url(self, variant: str) -> str:
         url = self.production_url if variant == "production" else self.candidate_url
-        return (url or f"http://{self.host}:{self.port_of(variant)}").rstrip("/")
+        return (url or self.local_url(self.port_of(variant))).rstrip("/")
 
     @property
     def bind_address(self) -> str:
@@ -209,9 +237,40 @@ def _convert(f: dataclasses.Field, raw: str, name: str) -> object:
     return raw
 
 
-def process_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment plus `extra`: what a child process is started with."""
-    return {**os.environ, **(extra or {})}
+def decision_policy(environ: Mapping[str, str] | None = None) -> DecisionPolicy:
+    """The decision thresholds: defaults overridden by ABFLEET_DECISION_<FIELD> (from
+    `environ`, default os.environ); raises ValueError on bad values."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(DecisionPolicy):
+        name = f"ABFLEET_DECISION_{f.name.upper()}"
+        raw = env.get(name)
+        if raw is None or raw.strip() == "":
+            continue
+        kind = type(f.default)  # int or float: the default fixes the type
+        try:
+            values[f.name] = kind(raw.strip())
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    return DecisionPolicy(**values)
+
+
+def set_mlflow_client_defaults() -> None:
+    """Quick retries and a timeout for MLflow's HTTP client, unless the environment sets them.
+
+    Artifact up/downloads go through the tracking server (proxied), so clients need no
+    object-store credentials; quick retries keep a dead server from hanging a command."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def process_environ(extra: Mapping[str, str] | None = None, *, python_path: Sequence[str | Path] = ()) -> dict[str, str]:
+    """This process's environment plus `extra`: what a child process is started with;
+    `python_path` folders go first on its PYTHONPATH."""
+    env = {**os.environ, **(extra or {})}
+    if python_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [*map(str, python_path), env.get("PYTHONPATH")]))
+    return env
 
 
 def in_ci(environ: Mapping[str, str] | None = None) -> bool:

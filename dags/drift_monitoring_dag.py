@@ -50,10 +50,10 @@ def drift_monitoring():
     @task
     def notify(summary: dict) -> str | None:
         """Tell the team through the webhook (when one is configured)."""
-        from abfleet import evaluation
+        from abfleet import fleet
         from abfleet.settings import Settings
 
-        return evaluation.notify(Settings.from_env(), {"event": "drift", **summary})
+        return fleet.notify(Settings.from_env(), {"event": "drift", **summary})
 
     @task
     def done(summary: dict) -> None:

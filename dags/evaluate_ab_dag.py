@@ -8,12 +8,14 @@ import pendulum
 
 from airflow.sdk import Param, dag, task
 
+from abfleet.decision import CONTINUE, PROMOTE, ROLLBACK  # a pure module: cheap at parse time
+
 # Which action task carries out each decision of `abfleet.decision.decide`.
-ACTION_TASKS = {"promote": "promote", "rollback": "rollback", "continue": "keep_testing"}
+ACTION_TASKS = {PROMOTE: "promote", ROLLBACK: "rollback", CONTINUE: "keep_testing"}
 
 
 def _act(expected: str, collected: dict, outcome: dict, dry_run: bool) -> dict:
-    # Abfleet is imported here, not at the top: the DAG processor parses this file often.
+    # The evaluation is imported here, not at the top: the DAG processor parses this file often.
     from abfleet import evaluation
     from abfleet.settings import Settings
 
@@ -74,17 +76,17 @@ def evaluate_ab():
     @task
     def promote(collected: dict, outcome: dict, params=None) -> dict:
         """Move @production to the candidate and reload the servers."""
-        return _act("promote", collected, outcome, bool(params["dry_run"]))
+        return _act(PROMOTE, collected, outcome, bool(params["dry_run"]))
 
     @task
     def rollback(collected: dict, outcome: dict, params=None) -> dict:
         """Take the candidate out of the experiment, tagged with the reasons."""
-        return _act("rollback", collected, outcome, bool(params["dry_run"]))
+        return _act(ROLLBACK, collected, outcome, bool(params["dry_run"]))
 
     @task
     def keep_testing(collected: dict, outcome: dict, params=None) -> dict:
         """Record the "continue" and leave the aliases alone."""
-        return _act("continue", collected, outcome, bool(params["dry_run"]))
+        return _act(CONTINUE, collected, outcome, bool(params["dry_run"]))
 
     collected = collect()
     outcome = judge(collected)

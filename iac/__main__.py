@@ -32,6 +32,12 @@ provider = aws.Provider("aws", region=region, default_tags={"tags": tags})
 opts = pulumi.ResourceOptions(providers=[provider])
 
 model_prefix = config.get("modelPrefix") or "mlflow"
+# The router's split, in percent: the one value the router, the servers and the pipeline
+# (which reads the `candidate_weight` output into ABFLEET_CANDIDATE_WEIGHT) share.
+candidate_weight = config.get_int("candidateWeight")
+candidate_weight = 20 if candidate_weight is None else candidate_weight
+if not 0 <= candidate_weight <= 100:
+    raise ValueError(f"abfleet:candidateWeight must be 0..100, got {candidate_weight}")
 
 network = Network("network", NetworkArgs(
     name=name, region=region, tags=tags,
@@ -77,6 +83,7 @@ compute = Compute("compute", ComputeArgs(
     database_url_secret_arn=database.app_url_secret.arn,
     mlflow_backend_secret_arn=database.mlflow_url_secret.arn,
     bucket_name=artifacts.bucket_name, model_prefix=model_prefix,
+    candidate_weight=candidate_weight,
     certificate_arn=config.get("certificateArn"),
     production=ServiceSize(desired_count=config.get_int("productionCount") or 2, min_count=config.get_int("productionMin") or 2,
                            max_count=config.get_int("productionMax") or 6),
@@ -90,3 +97,4 @@ pulumi.export("repositories", images.repository_urls)
 pulumi.export("cluster", compute.cluster.name)
 pulumi.export("training_role_arn", iam.training_role.arn)
 pulumi.export("database_address", database.instance.address)
+pulumi.export("candidate_weight", candidate_weight)

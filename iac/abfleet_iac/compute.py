@@ -80,6 +80,9 @@ class ComputeArgs:
     bucket_name: pulumi.Input[str]
     model_prefix: str = "mlflow"
     model_name: str = "bengaluru-home-price"
+    # The candidate's share of users, in percent: set once here for the router (which renders
+    # its config from it at start) and the model servers (the production one exports it).
+    candidate_weight: int = 20
     certificate_arn: Optional[str] = None
     production: ServiceSize = field(default_factory=ServiceSize)
     candidate: ServiceSize = field(default_factory=lambda: ServiceSize(desired_count=1, min_count=1, max_count=3))
@@ -236,6 +239,7 @@ class Compute(pulumi.ComponentResource):
                     {"name": "ABFLEET_BIND", "value": f"0.0.0.0:{args.model_port}"},
                     {"name": "ABFLEET_MODEL_NAME", "value": args.model_name},
                     {"name": "ABFLEET_WORKERS", "value": "2"},
+                    {"name": "ABFLEET_CANDIDATE_WEIGHT", "value": str(args.candidate_weight)},
                     {"name": "MLFLOW_TRACKING_URI", "value": f"http://mlflow:{args.mlflow_port}"},
                     {"name": "AWS_DEFAULT_REGION", "value": args.region},
                 ],
@@ -274,6 +278,11 @@ class Compute(pulumi.ComponentResource):
         router_containers = [{
             "name": "router", "image": image("router"), "essential": True,
             "portMappings": [{"name": "http", "containerPort": args.router_port, "protocol": "tcp", "appProtocol": "http"}],
+            # The image renders its nginx config from these at start.
+            "environment": [
+                {"name": "ABFLEET_CANDIDATE_WEIGHT", "value": str(args.candidate_weight)},
+                {"name": "ABFLEET_ROUTER_PORT", "value": str(args.router_port)},
+            ],
             "healthCheck": {"command": ["CMD", "wget", "-q", "-O", "/dev/null",
                                         f"http://127.0.0.1:{args.router_port}/router/health"],
                             "interval": 10, "timeout": 3, "retries": 3, "startPeriod": 10},

@@ -356,6 +356,17 @@ def test_task_definitions_keep_secrets_out_of_the_environment(program):
             assert TEST_CONFIG["abfleet:dbPassword"] not in text
 
 
+def test_router_and_servers_share_one_candidate_weight(program):
+    weights = {}
+    for td in of_type(program, "aws:ecs/taskDefinition:TaskDefinition"):
+        for container in json.loads(td.inputs["containerDefinitions"]):
+            env = {e["name"]: e["value"] for e in container.get("environment", [])}
+            if "ABFLEET_CANDIDATE_WEIGHT" in env:
+                weights[td.inputs["family"]] = env["ABFLEET_CANDIDATE_WEIGHT"]
+    assert {family.rsplit("-", 1)[-1] for family in weights} == {"production", "candidate", "router"}, weights
+    assert set(weights.values()) == {"20"}
+
+
 def test_four_image_repositories(program):
     names = {r.inputs["name"].rsplit("/", 1)[-1] for r in of_type(program, "aws:ecr/repository:Repository")}
     assert names == {"inference", "router", "mlflow", "airflow"}

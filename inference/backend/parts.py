@@ -63,7 +63,7 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
         on_swap(None, holder.current)
 
     fleet_registry = CollectorRegistry()
-    fleet_registry.register(FleetStateCollector(store))
+    fleet_registry.register(FleetStateCollector(store, fallback_weight=settings.candidate_weight))
     parts = Parts(settings=settings, holder=holder, store=store, metrics=metrics,
                   counts=RequestCounts(metrics, variant),
                   predictions=Predictions(holder, store, data.known_locations()),

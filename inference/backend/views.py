@@ -10,7 +10,7 @@ import time
 from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from abfleet import api
+from abfleet import api, fleet
 from abfleet.store import Duplicate, NotFound
 from inference.backend.parts import parts
 
@@ -154,7 +154,7 @@ def drift_report():
 @bp.post(api.RELOAD)
 def reload_model():
     p = parts()
-    token = p["settings"].admin_token
+    token = fleet.admin_token(p["settings"])
     given = request.headers.get("Authorization", "").removeprefix("Bearer ")
     if not token or not hmac.compare_digest(given.encode(), token.encode()):
         return refuse("authorization: a valid admin token is required", "authorization", 401)

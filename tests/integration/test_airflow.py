@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from abfleet import airflow_local, registry, stack
+from abfleet import airflow_local, procs, registry, stack
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def airflow_server(fleet):
         yield settings
     finally:
         if not already:
-            stack._stop(stack.running_pid(settings, svc))
+            procs.stop(stack.running_pid(settings, svc))
             (settings.run_dir / "pids" / "airflow.pid").unlink(missing_ok=True)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
@@ -12,24 +11,12 @@ from pathlib import Path
 import pytest
 import requests
 
+from abfleet import procs
 from abfleet.api import FLAT
 from tests.conftest import fleet_settings, free_port, wait_for
+from tests.helpers import health, start_model_server
 
 pytestmark = pytest.mark.slow
-
-
-def _start_server(settings, tmp_path: Path, variant: str = "production") -> subprocess.Popen:
-    env = {**os.environ, **settings.env(), "VARIANT": variant, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{variant}")}
-    log = (tmp_path / f"{variant}.log").open("wb")
-    abfleet = str(Path(sys.executable).parent / "abfleet")
-    return subprocess.Popen([abfleet, "serve", "--variant", variant], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    from abfleet import stack
-
-    stack._stop(proc.pid)
-    proc.wait(timeout=30)
 
 
 def test_every_answered_prediction_is_stored_in_postgresql(fleet, postgres_url, tmp_path):
@@ -37,13 +24,14 @@ def test_every_answered_prediction_is_stored_in_postgresql(fleet, postgres_url, 
 
     port = free_port()
     settings = fleet.settings.replace(database_url=postgres_url, production_port=port)
-    proc = _start_server(settings, tmp_path)
+    proc = start_model_server(settings, "production", log=tmp_path / "production.log",
+                              metrics_dir=tmp_path / "metrics-production")
     try:
         url = f"http://{settings.host}:{port}"
         try:
-            wait_for(lambda: _health(url).get("model_version") == fleet.versions["production"], 90, what="server on PostgreSQL")
+            wait_for(lambda: health(url).get("model_version") == fleet.versions["production"], 90, what="server on PostgreSQL")
         except AssertionError:
-            raise AssertionError(f"{_health(url)}\n{(tmp_path / 'production.log').read_text()[-3000:]}") from None
+            raise AssertionError(f"{health(url)}\n{(tmp_path / 'production.log').read_text()[-3000:]}") from None
 
         def ask(i):
             r = requests.post(f"{url}/api/predict_home_price", json={**FLAT, "bhk": 1 + i % 4}, headers={"X-User-Id": f"pg-{i}"}, timeout=20)
@@ -58,14 +46,7 @@ def test_every_answered_prediction_is_stored_in_postgresql(fleet, postgres_url, 
             assert row["variant"] == "production" and row["model_version"] == body["model_version"]
         store.engine.dispose()
     finally:
-        _stop(proc)
-
-
-def _health(url: str) -> dict:
-    try:
-        return requests.get(f"{url}/api/health", timeout=3).json()
-    except (requests.RequestException, ValueError):
-        return {}
+        procs.stop_child(proc, timeout=30)
 
 
 @pytest.fixture
@@ -114,7 +95,7 @@ def test_train_register_and_serve_from_s3(moto_s3, synth_csv, tmp_path):
         assert not list((settings.run_dir / "objects").rglob("MLmodel")), "artifacts went to the local folder, not S3"
         assert s3.get_bucket_versioning(Bucket=bucket)["Status"] == "Enabled"
         url = f"http://{settings.host}:{settings.production_port}"
-        wait_for(lambda: _health(url).get("model_version") == result["version"], 60, what="server loading from S3")
+        wait_for(lambda: health(url).get("model_version") == result["version"], 60, what="server loading from S3")
         r = requests.post(f"{url}/api/predict_home_price", json=FLAT, timeout=10)
         assert r.status_code == 200 and r.json()["model_version"] == result["version"]
     finally:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from abfleet import data, registry, stack
+from abfleet import data, procs, registry, stack
 from abfleet.api import PREDICT, acceptable_rows
 from tests.conftest import fleet_settings, wait_for
 
@@ -180,7 +180,7 @@ def test_with_prometheus_stopped_the_evaluation_continues_and_changes_nothing(lo
 
     settings, versions, _rows, _folder = loop
     svc = next(s for s in stack.services(settings) if s.name == "prometheus")
-    stack._stop(stack.running_pid(settings, svc))
+    procs.stop(stack.running_pid(settings, svc))
     try:
         record = evaluation.evaluate(settings, source="test")
         assert record["decision"] == "continue" and not record["applied"]
@@ -222,7 +222,7 @@ def test_a_better_candidate_is_promoted_by_the_dag_and_swapped_in_without_a_fail
     from abfleet.store import Store
 
     stats = evaluation.collect(settings)["stats"]["variants"]
-    stored = Store(settings.db_url).predictions_since(evaluation._since(settings, versions["candidate"]))
+    stored = Store(settings.db_url).predictions_since(evaluation.experiment_start(settings, versions["candidate"]))
     assert {v: stats[v]["requests"] for v in stats} == {v: sum(r["variant"] == v for r in stored) for v in stats}
     pids = {v: stack.running_pid(settings, next(s for s in stack.services(settings) if s.name == v)) for v in ("production", "candidate")}
     with Load(settings, rows[::-1]) as load:

@@ -7,34 +7,24 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import requests
 
+from abfleet import procs
 from abfleet.api import FLAT
 from tests.conftest import free_port, wait_for
+from tests.helpers import health, start_model_server
 
 pytestmark = pytest.mark.slow
 
 
 def start_server(settings, tmp_path: Path, log_name: str) -> subprocess.Popen:
-    env = {**os.environ, **settings.env(), "VARIANT": "production",
-           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
-           # Nothing reaches the database before the kill: every answer must come back from the spool.
-           "ABFLEET_SPOOL_LINGER": "3600"}
-    abfleet = str(Path(sys.executable).parent / "abfleet")
-    return subprocess.Popen([abfleet, "serve", "--variant", "production"], env=env, start_new_session=True,
-                            stdout=(tmp_path / log_name).open("wb"), stderr=subprocess.STDOUT)
-
-
-def health(url: str) -> dict:
-    try:
-        return requests.get(f"{url}/api/health", timeout=3).json()
-    except (requests.RequestException, ValueError):
-        return {}
+    # Nothing reaches the database before the kill: every answer must come back from the spool.
+    return start_model_server(settings.replace(spool_linger=3600.0), "production", log=tmp_path / log_name,
+                              metrics_dir=tmp_path / "metrics")
 
 
 def stored_ids(db: Path) -> set[str]:
@@ -116,7 +106,4 @@ def test_answered_predictions_survive_a_sigkill_mid_burst(fleet, tmp_path):
                           timeout=10)
         assert r.status_code == 201, r.text
     finally:
-        from abfleet import stack
-
-        stack._stop(server.pid)
-        server.wait(timeout=30)
+        procs.stop_child(server, timeout=30)

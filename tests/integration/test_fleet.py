@@ -149,12 +149,12 @@ def test_every_response_names_variant_and_version(fleet):
 
 
 def test_with_the_candidate_stopped_requests_still_succeed(fleet):
-    from abfleet import stack
+    from abfleet import procs, stack
 
     svc = next(s for s in stack.services(fleet.settings) if s.name == "candidate")
     pid = stack.running_pid(fleet.settings, svc)
     assert pid is not None
-    stack._stop(pid)
+    procs.stop(pid)
     try:
         users = [f"failover-{i}" for i in range(200)]
         answers = _parallel(lambda u: requests.post(f"{fleet.router_url}{PREDICT}", json=FLAT, headers={"X-User-Id": u}, timeout=20), users)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import venv
-from pathlib import Path
 
 import pytest
 import requests
 
+from abfleet import procs
 from abfleet.api import FLAT, PREDICT
 from tests.conftest import ROOT, free_port, wait_for
+from tests.helpers import health, start_model_server
 
 pytestmark = pytest.mark.slow
 
@@ -30,23 +29,13 @@ def test_a_venv_with_only_serving_dependencies_serves_predictions(fleet, tmp_pat
 
     port = free_port()
     settings = fleet.settings.replace(database_url=f"sqlite:///{tmp_path / 'store.db'}", production_port=port)
-    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **settings.env(),
-           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
-    server = subprocess.Popen([str(env_dir / "bin" / "abfleet"), "serve", "--variant", "production"], env=env,
-                              cwd=tmp_path, stdout=(tmp_path / "server.log").open("wb"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    server = start_model_server(settings, "production", log=tmp_path / "server.log", metrics_dir=tmp_path / "metrics",
+                                abfleet=env_dir / "bin" / "abfleet", cwd=tmp_path, inherit_pythonpath=False)
     try:
         url = f"http://{settings.host}:{port}"
-        wait_for(lambda: _version(url) == fleet.versions["production"], 90, what="the slim server to load the model")
+        wait_for(lambda: health(url).get("model_version") == fleet.versions["production"], 90,
+                 what="the slim server to load the model")
         r = requests.post(f"{url}{PREDICT}", json=FLAT, timeout=10)
         assert r.status_code == 200 and r.json()["estimated_price"] > 0
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
-
-
-def _version(url: str):
-    try:
-        return requests.get(f"{url}/api/health", timeout=3).json().get("model_version")
-    except (requests.RequestException, ValueError):
-        return None
+        procs.stop_child(server, timeout=30)

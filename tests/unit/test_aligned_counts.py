@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from abfleet.evaluation import _value_at, common_instant, growth_between
+from abfleet.prometheus import common_instant, growth_between, value_at
 
 
 class Samples:
@@ -22,11 +22,11 @@ class Samples:
 
 def test_value_between_scrapes_is_interpolated_and_zero_before_birth():
     points = [(10.0, 100.0), (15.0, 150.0), (20.0, 150.0)]
-    assert _value_at(points, 12.0) == pytest.approx(120.0)
-    assert _value_at(points, 15.0) == 150.0
-    assert _value_at(points, 25.0) == 150.0
-    assert _value_at(points, 9.0) == 0.0
-    assert _value_at([(10.0, 100.0), (15.0, 3.0)], 12.0) == 100.0  # a reset in between: hold
+    assert value_at(points, 12.0) == pytest.approx(120.0)
+    assert value_at(points, 15.0) == 150.0
+    assert value_at(points, 25.0) == 150.0
+    assert value_at(points, 9.0) == 0.0
+    assert value_at([(10.0, 100.0), (15.0, 3.0)], 12.0) == 100.0  # a reset in between: hold
 
 
 def test_two_arms_scraped_at_different_moments_are_counted_over_the_same_time():

@@ -30,7 +30,7 @@ def every_location_grid(fast: FastPredictor) -> pd.DataFrame:
 def test_compiled_trees_predict_what_the_pipeline_predicts(trained):
     fitted, test = trained
     fast = FastPredictor(fitted)
-    assert fast._compiled is not None, "the fitted HistGradientBoostingRegressor should compile"
+    assert fast.compiled is not None, "the fitted HistGradientBoostingRegressor should compile"
     frame = pd.concat([test[data.FEATURES], every_location_grid(fast)], ignore_index=True)
     assert frame["location"].notna().all()
     expected = fitted.predict(frame)
@@ -42,7 +42,7 @@ def test_compiled_trees_predict_what_the_pipeline_predicts(trained):
     # The raw scores are sklearn's to the last bit: same comparisons, same order of additions.
     trees = fitted.regressor_.named_steps["trees"]
     encoded = fitted.regressor_.named_steps["encode"].transform(frame)
-    np.testing.assert_array_equal(fast._compiled.raw_many(encoded), trees._raw_predict(encoded).ravel())
+    np.testing.assert_array_equal(fast.compiled.raw_many(encoded), trees._raw_predict(encoded).ravel())
 
 
 def test_unknown_location_is_priced_as_other(trained):
@@ -81,7 +81,7 @@ def test_what_the_compiler_does_not_know_falls_back_to_sklearn(trained):
     assert CompiledTrees.build(object()) is None
     assert CompiledTrees.build(HistGradientBoostingRegressor()) is None  # not fitted
     fast = FastPredictor(fitted)
-    fast._compiled = None
+    fast.compiled = None
     np.testing.assert_allclose(fast.predict_many(test.head(20)), fitted.predict(test[data.FEATURES].head(20)), rtol=1e-12)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from abfleet.decision import DecisionPolicy, decide, msprt
+from abfleet.settings import decision_policy
 
 PROD_HIST = [10, 20, 40, 50, 30]  # mean 3.47 stars
 EQUAL_HIST = [10, 20, 40, 50, 30]
@@ -263,14 +264,14 @@ def test_msprt_significance_matches_confidence_sequence() -> None:
 
 
 def test_policy_from_env_overrides_with_types() -> None:
-    pol = DecisionPolicy.from_env({"ABFLEET_DECISION_MIN_REQUESTS": "75",
-                                   "ABFLEET_DECISION_ALPHA": "0.01",
-                                   "ABFLEET_DECISION_MAX_RUNTIME_HOURS": " 72 ",
-                                   "ABFLEET_DECISION_MIN_RATINGS": "", "UNRELATED": "x"})
+    pol = decision_policy({"ABFLEET_DECISION_MIN_REQUESTS": "75",
+                           "ABFLEET_DECISION_ALPHA": "0.01",
+                           "ABFLEET_DECISION_MAX_RUNTIME_HOURS": " 72 ",
+                           "ABFLEET_DECISION_MIN_RATINGS": "", "UNRELATED": "x"})
     assert pol.min_requests == 75 and isinstance(pol.min_requests, int)
     assert pol.alpha == 0.01 and pol.max_runtime_hours == 72.0
     assert pol.min_ratings == DecisionPolicy().min_ratings
-    assert DecisionPolicy.from_env({}) == DecisionPolicy()
+    assert decision_policy({}) == DecisionPolicy()
 
 
 @pytest.mark.parametrize("env", [{"ABFLEET_DECISION_MIN_REQUESTS": "lots"},
@@ -278,7 +279,7 @@ def test_policy_from_env_overrides_with_types() -> None:
                                  {"ABFLEET_DECISION_MIN_RUNTIME_HOURS": "200"}])
 def test_policy_from_env_rejects_bad_values(env: dict[str, str]) -> None:
     with pytest.raises(ValueError):
-        DecisionPolicy.from_env(env)
+        decision_policy(env)
 
 
 def test_defaults() -> None:

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILES = ("docker-compose.yaml", "docker-compose.ab.yml")
 WORKFLOWS = ROOT / ".github" / "workflows"
 MODEL_SERVERS = ("infer-prod", "infer-cand")
+# The Airflow service that runs the DAGs' tasks: docker-compose.ab.yml gives it the fleet's split.
+TASK_RUNNER = "airflow-scheduler"
 MUST_HAVE_HEALTHCHECK = ("postgres", "minio", "mlflow", *MODEL_SERVERS, "router")
 DOCKERFILES = ("inference/backend/Dockerfile", "router/Dockerfile", "docker/mlflow/Dockerfile", "docker/airflow/Dockerfile")
 
@@ -88,8 +90,9 @@ def test_compose_files_parse_and_know_each_other():
     core, ab = services("docker-compose.yaml"), services("docker-compose.ab.yml")
     assert {"postgres", "minio", "minio-init", "mlflow", "prometheus", "airflow-init", "airflow-api-server",
             "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"} <= set(core)
-    assert set(ab) == {*MODEL_SERVERS, "router"}
-    merged = {**core, **ab}
+    assert set(ab) == {*MODEL_SERVERS, "router", TASK_RUNNER}
+    assert set(ab[TASK_RUNNER]) == {"environment"}, f"docker-compose.ab.yml only adds environment to {TASK_RUNNER}"
+    merged = {**core, **{name: svc for name, svc in ab.items() if name != TASK_RUNNER}}
     for f, name, svc in all_services():
         depends = svc.get("depends_on") or {}
         for dep, cond in (depends.items() if isinstance(depends, dict) else ((d, {}) for d in depends)):
@@ -127,6 +130,20 @@ def test_bind_mount_sources_exist():
                     continue  # a named volume
             assert not source.startswith("/"), f"{f}: {name}: absolute bind mount {source} ties the file to one machine"
             assert (ROOT / source).exists(), f"{f}: {name}: bind mount source {source} does not exist"
+
+
+def test_the_split_is_set_once_for_the_router_the_servers_and_the_pipeline():
+    text = (ROOT / "docker-compose.ab.yml").read_text()
+    assert len(re.findall(r"^\s*ABFLEET_CANDIDATE_WEIGHT:", text, re.M)) == 1, "the weight is set more than once"
+    ab = services("docker-compose.ab.yml")
+    values = {name: (ab[name].get("environment") or {}).get("ABFLEET_CANDIDATE_WEIGHT")
+              for name in (*MODEL_SERVERS, "router", TASK_RUNNER)}
+    assert len(set(values.values())) == 1 and None not in values.values(), values
+    assert "ABFLEET_CANDIDATE_WEIGHT" not in (services("docker-compose.yaml")[TASK_RUNNER].get("environment") or {})
+    # The router renders its config at start from its environment, not from a build argument.
+    assert "ABFLEET_CANDIDATE_WEIGHT" not in str(ab["router"].get("build"))
+    assert not re.search(r"^ARG\s+ABFLEET_", (ROOT / "router/Dockerfile").read_text(), re.M)
+    assert re.search(r'^ENTRYPOINT\s+\["python3", "-m", "abfleet.router"\]', (ROOT / "router/Dockerfile").read_text(), re.M)
 
 
 def test_environment_variables_are_ones_the_code_reads():

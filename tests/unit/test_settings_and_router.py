@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from abfleet import router
-from abfleet.settings import Settings
+from abfleet.settings import Settings, process_environ
 
 
 def test_defaults_are_the_local_stack():
@@ -64,3 +65,23 @@ def test_candidate_is_listed_first_so_raising_its_weight_only_moves_users_to_it(
     text = router.render(Settings(run_dir=tmp_path), candidate_weight=20)
     block = text.split("$abfleet_variant {")[1].split("}")[0]
     assert block.index("candidate") < block.index("production")
+
+
+def test_urls_of_the_local_stack_and_the_configured_prometheus():
+    s = Settings(router_port=7100, prometheus_port=9190, airflow_port=8180)
+    assert (s.router_url, s.prometheus_api, s.airflow_url) == (
+        "http://127.0.0.1:7100", "http://127.0.0.1:9190", "http://127.0.0.1:8180")
+    assert s.replace(prometheus_url="http://prometheus:9090/").prometheus_api == "http://prometheus:9090"
+    assert s.admin_token_path == s.run_dir / "admin-token"
+    assert s.replace(admin_token_file="/run/secrets/token").admin_token_path == Path("/run/secrets/token")
+
+
+def test_the_router_container_renders_its_weight_from_the_environment_at_start(tmp_path):
+    if router.nginx_binary() is None:
+        pytest.skip("nginx is NOT installed: `apt-get install -y nginx` (make test does it as root)")
+    env = process_environ({"ABFLEET_RUN_DIR": str(tmp_path), "ABFLEET_CANDIDATE_WEIGHT": "35"})
+    result = subprocess.run([sys.executable, "-m", "abfleet.router", "--check", "--production-servers", "127.0.0.1:1",
+                             "--candidate-servers", "127.0.0.1:2"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    block = (tmp_path / "nginx.conf").read_text().split("$abfleet_variant {")[1].split("}")[0]
+    assert "35% candidate;" in block

@@ -22,7 +22,7 @@ def test_a_taken_port_is_named_with_the_setting_to_change(tmp_path, capsys, monk
         monkeypatch.setenv("ABFLEET_MLFLOW_PORT", str(port))
         assert cli.main(["up"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("abfleet up: port") and "Traceback" not in capsys.readouterr().err
+    assert err[-1].startswith("abfleet up: port") and "Traceback" not in "\n".join(err)
 
 
 def test_missing_nginx_says_how_to_install_it(tmp_path, monkeypatch):

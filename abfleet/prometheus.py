@@ -1,0 +1,171 @@
+"""The metrics provider of the evaluation: a small Prometheus client and the experiment's PromQL.
+
+`variant_stats` turns the servers' counters into one arm's numbers in the decision input's
+shape. The counter alignment (`value_at`, `common_instant`, `growth_between`) needs only a
+`samples(selector, seconds, at)` method, so tests give it fixed series instead of a server.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import requests
+
+from abfleet import metrics
+from abfleet.api import PREDICT
+
+
+class PrometheusError(RuntimeError):
+    """Prometheus did not answer, or answered with an error."""
+
+
+class Samples(Protocol):
+    """What the counter alignment reads: every series' raw samples in a window."""
+
+    def samples(self, selector: str, seconds: float, at: float) -> dict[tuple, list[tuple[float, float]]]: ...
+
+
+class Prometheus:
+    """The smallest client that does: instant queries over the HTTP API."""
+
+    def __init__(self, url: str, timeout: float = 10.0):
+        self.url, self.timeout = url.rstrip("/"), timeout
+
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+        try:
+            r = requests.get(f"{self.url}/api/v1/query", params=params, timeout=self.timeout)
+            body = r.json()
+        except (requests.RequestException, ValueError) as exc:
+            raise PrometheusError(f"Prometheus at {self.url} unreachable: {type(exc).__name__}") from None
+        if body.get("status") != "success":
+            raise PrometheusError(f"Prometheus refused {expr!r}: {body.get('error')}")
+        return body["data"]["result"]
+
+    def scalar(self, expr: str) -> float | None:
+        result = self.query(expr)
+        if not result:
+            return None
+        value = float(result[0]["value"][1])
+        return value if value == value and abs(value) != float("inf") else None  # NaN / inf → unknown
+
+    def by_label(self, expr: str, label: str) -> dict[str, float]:
+        return {r["metric"].get(label, ""): float(r["value"][1]) for r in self.query(expr)}
+
+    def samples(self, selector: str, seconds: float, at: float) -> dict[tuple, list[tuple[float, float]]]:
+        """The raw samples of every series of `selector` in the `seconds` before `at`."""
+        result = self.query(f"{selector}[{max(1, int(seconds))}s]", at=at)
+        return {tuple(sorted(r["metric"].items())): [(float(t), float(v)) for t, v in r["values"]] for r in result}
+
+
+# PromQL lives here, one place. Counts since the experiment started are the counter now
+# minus the counter at the start (`@ since`), which is exact at any window length;
+# increase() extrapolates at its window's edges (by up to a scrape interval, so by a fifth
+# in a 30-second window), and is used only when a server restarted and reset a counter.
+SELECTORS = {
+    "requests": f'{metrics.REQUESTS}{{variant="{{v}}",model_version="{{mv}}",endpoint="{PREDICT}"}}',
+    "errors": f'{metrics.REQUESTS}{{variant="{{v}}",model_version="{{mv}}",endpoint="{PREDICT}",status=~"5.."}}',
+    "latency_bucket": f'{metrics.LATENCY}_bucket{{variant="{{v}}",endpoint="{PREDICT}"}}',
+    "latency_sum": f'{metrics.LATENCY}_sum{{variant="{{v}}",endpoint="{PREDICT}"}}',
+    "latency_count": f'{metrics.LATENCY}_count{{variant="{{v}}",endpoint="{PREDICT}"}}',
+    "ratings": f'{metrics.RATINGS}{{variant="{{v}}",model_version="{{mv}}"}}',
+    "quick": f'{metrics.QUICK_FEEDBACK}{{variant="{{v}}",model_version="{{mv}}"}}',
+    "ape_count": f'{metrics.APE_COUNT}{{variant="{{v}}",model_version="{{mv}}"}}',
+    "ape_sum": f'{metrics.APE_SUM}{{variant="{{v}}",model_version="{{mv}}"}}',
+    "ape_sum_sq": f'{metrics.APE_SUM_SQ}{{variant="{{v}}",model_version="{{mv}}"}}',
+}
+
+
+def selector(name: str, variant: str, version: str) -> str:
+    """The series of SELECTORS[name] for one arm and model version."""
+    return SELECTORS[name].replace("{v}", variant).replace("{mv}", version)
+
+
+def since_start(selector: str, by: str, since: float, window: str, reset: bool) -> str:
+    """The growth of a counter since `since` (unix time), summed `by` a label list."""
+    group = f"sum by ({by})" if by else "sum"
+    if reset:
+        return f"{group} (increase({selector}[{window}]))"
+    # Series born after the start have no value `@ since`: `or ... * 0` counts them from zero.
+    return f"{group} ({selector}) - ({group} ({selector} @ {since:.3f}) or {group} ({selector}) * 0)"
+
+
+# Both arms' request counts are read at one instant. Each server is scraped at its own moment,
+# so "the latest sample" of two servers can be a scrape interval apart: under heavy traffic
+# that is enough requests to fake a sample-ratio mismatch (5 s of 400 requests/s in a short
+# window did). Each counter is read between the two scrapes around the instant instead.
+LOOKBACK_S = 300  # Prometheus's staleness: a series with no sample this long before is new
+
+
+def value_at(points: list[tuple[float, float]], t: float) -> float:
+    """A counter's value at t: linear between the samples around t; 0 before its first one."""
+    before = [p for p in points if p[0] <= t]
+    if not before:
+        return 0.0
+    t0, v0 = before[-1]
+    after = [p for p in points if p[0] > t]
+    if not after or after[0][1] < v0:  # nothing later, or a reset: hold the last value
+        return v0
+    t1, v1 = after[0]
+    return v0 + (v1 - v0) * (t - t0) / (t1 - t0)
+
+
+def common_instant(prom: Samples, selectors: list[str], now: float) -> float | None:
+    """The latest instant every series of these selectors has a sample at or after: the last
+    scrape of the server (or replica) scraped longest ago. None when a selector has no
+    recent sample."""
+    lasts = []
+    for expr in selectors:
+        series = prom.samples(expr, LOOKBACK_S, now)
+        if not series:
+            return None
+        lasts.extend(points[-1][0] for points in series.values() if points)
+    return min(lasts)
+
+
+def growth_between(prom: Samples, selector: str, since: float, end: float) -> float:
+    """How much a counter (summed over its series) grew from `since` to `end`, each end read
+    between the samples around it. A series born after `since` counts from zero."""
+    start = prom.samples(selector, 2 * LOOKBACK_S, since + LOOKBACK_S)
+    finish = prom.samples(selector, 2 * LOOKBACK_S, end + LOOKBACK_S)
+    return sum(value_at(points, end) - value_at(start.get(key, []), since) for key, points in finish.items())
+
+
+def _count(x: float | None) -> int | None:
+    return None if x is None else int(round(x))
+
+
+def variant_stats(prom: Prometheus, variant: str, version: str, since: float, window: str,
+                  end: float | None = None) -> dict[str, Any]:
+    """One arm's numbers since the experiment started, in the decision input's shape.
+
+    With `end` (see `common_instant`) the request count is the growth from `since` to `end`,
+    read between scrapes, so both arms are counted over the same stretch of time."""
+    series = {name: selector(name, variant, version) for name in SELECTORS}
+    reset = bool(prom.scalar(f'sum(resets({series["requests"]}[{window}]))'))
+
+    def growth(name: str, by: str = "") -> str:
+        return since_start(series[name], by, since, window, reset)
+
+    p95 = prom.scalar(f'histogram_quantile(0.95, {growth("latency_bucket", "le")})')
+    mean = prom.scalar(f'({growth("latency_sum")}) / ({growth("latency_count")})')
+    return {
+        "model_version": version,
+        "requests": _count(growth_between(prom, series["requests"], since, end) if end is not None and not reset
+                           else prom.scalar(growth("requests"))),
+        "errors": _count(prom.scalar(growth("errors"))) or 0,
+        "latency_p95_ms": None if p95 is None else round(p95 * 1000, 3),
+        "latency_mean_ms": None if mean is None else round(mean * 1000, 3),
+        "ratings": {stars: _count(v) for stars, v in sorted(prom.by_label(growth("ratings", "stars"), "stars").items())},
+        "quick": {kind: _count(v) for kind, v in sorted(prom.by_label(growth("quick", "kind"), "kind").items())},
+        "ape": {"count": _count(prom.scalar(growth("ape_count"))) or 0, "sum": prom.scalar(growth("ape_sum")) or 0.0,
+                "sum_sq": prom.scalar(growth("ape_sum_sq")) or 0.0},
+    }
+
+
+def arm_stats(url: str, versions: dict[str, str], since: float, window: str, now: float) -> dict[str, dict]:
+    """Each arm's numbers (arm → model version given), their request counts read at one
+    common instant; raises PrometheusError when Prometheus at `url` cannot answer."""
+    prom = Prometheus(url)
+    end = common_instant(prom, [selector("requests", v, versions[v]) for v in versions], now)
+    return {variant: variant_stats(prom, variant, versions[variant], since, window, end) for variant in versions}

@@ -1,0 +1,110 @@
+"""The fleet's facts and actions: one home for the router's weight, the admin token's
+sources, the servers' reload and the webhook."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Iterator
+
+from abfleet import fleet
+from abfleet.metrics import DECISIONS, ROUTER_CANDIDATE_WEIGHT, FleetStateCollector
+from abfleet.settings import Settings
+from abfleet.store import open_store
+from tests.conftest import free_port
+
+
+def test_the_weight_is_the_stores_row_else_the_settings(tmp_path):
+    settings = Settings(run_dir=tmp_path, candidate_weight=35)
+    assert fleet.candidate_weight(settings) == 35  # nothing recorded: the configured weight
+    fleet.set_candidate_weight(settings, 10)
+    assert fleet.candidate_weight(settings) == 10
+    assert fleet.candidate_weight(settings.replace(candidate_weight=90)) == 10
+    assert fleet.weights(10) == {"production": 0.9, "candidate": 0.1}
+
+
+def test_the_admin_token_comes_from_settings_or_the_file_settings_name(tmp_path):
+    assert fleet.admin_token(Settings(run_dir=tmp_path)) is None
+    secret = tmp_path / "secret"
+    secret.write_text("from-a-file\n")
+    assert fleet.admin_token(Settings(run_dir=tmp_path, admin_token_file=str(secret))) == "from-a-file"
+    (tmp_path / "admin-token").write_text("local")
+    assert fleet.admin_token(Settings(run_dir=tmp_path)) == "local"
+    assert fleet.admin_token(Settings(run_dir=tmp_path, admin_token="set")) == "set"
+
+
+def test_without_a_token_the_reload_is_reported_as_skipped(tmp_path):
+    settings = Settings(run_dir=tmp_path, reload_interval=9, production_url=f"http://127.0.0.1:{free_port()}")
+    out = fleet.reload_servers(settings)
+    assert set(out) == {"production", "candidate"}
+    assert all(v.startswith("skipped (no admin token") and "within 9s" in v for v in out.values())
+
+
+def test_the_production_server_exports_the_recorded_weight_else_the_configured_one(tmp_path):
+    with open_store(Settings(run_dir=tmp_path)) as store:
+        exported = {f.name: f for f in FleetStateCollector(store, fallback_weight=15).collect()}
+        assert exported[ROUTER_CANDIDATE_WEIGHT].samples[0].value == 15.0
+        assert {s.labels["decision"] for s in exported[DECISIONS.removesuffix("_total")].samples} == {
+            "promote", "rollback", "continue"}
+        store.set_state("candidate_weight", 40)
+        exported = {f.name: f for f in FleetStateCollector(store, fallback_weight=15).collect()}
+        assert exported[ROUTER_CANDIDATE_WEIGHT].samples[0].value == 40.0
+    (tmp_path / "fresh").mkdir()
+    with open_store(Settings(run_dir=tmp_path / "fresh")) as store:
+        assert ROUTER_CANDIDATE_WEIGHT not in {f.name for f in FleetStateCollector(store).collect()}
+
+
+@contextlib.contextmanager
+def answering(status: int, body: dict | None = None) -> Iterator[tuple[str, list[dict]]]:
+    """A loopback HTTP server answering every POST with `status` (and `body` as JSON); yields
+    its URL and the requests it got ({"path", "authorization", "json"}) in order."""
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            length = int(self.headers.get("Content-Length") or 0)
+            sent = self.rfile.read(length) if length else b""
+            seen.append({"path": self.path, "authorization": self.headers.get("Authorization"),
+                         "json": json.loads(sent) if sent else None})
+            payload = json.dumps(body).encode() if body is not None else b""
+            self.send_response(status)
+            if payload:
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_webhook_receives_the_decision_and_a_dead_one_is_not_fatal():
+    with answering(204) as (url, seen):
+        settings = Settings(webhook_url=f"{url}/hook")
+        assert fleet.notify(settings, {"decision": "rollback", "reasons": ["worse"]}) == "204"
+    assert [r["json"] for r in seen] == [{"source": "abfleet", "decision": "rollback", "reasons": ["worse"]}]
+    dead = Settings(webhook_url=f"http://127.0.0.1:{free_port()}/hook")
+    assert fleet.notify(dead, {"decision": "promote"}).startswith("failed")
+    assert fleet.notify(Settings(), {"decision": "promote"}) is None
+
+
+def test_reload_goes_to_the_configured_server_urls_with_the_token(tmp_path):
+    with answering(200, {"swapped": True, "model_version": "9"}) as (url, seen):
+        env = {"ABFLEET_PRODUCTION_URL": f"{url}/", "ABFLEET_CANDIDATE_URL": f"http://127.0.0.1:{free_port()}",
+               "ABFLEET_ADMIN_TOKEN": "s3cret"}
+        settings = Settings.from_env(env, run_dir=tmp_path, reload_interval=7)
+        out = fleet.reload_servers(settings)
+    assert [(r["path"], r["authorization"]) for r in seen] == [("/api/admin/reload", "Bearer s3cret")]
+    assert out["production"] == "200 9"
+    assert out["candidate"].startswith("not reached") and "within 7s" in out["candidate"]
+    assert Settings(production_port=6101).server_url("production") == "http://127.0.0.1:6101"
