@@ -5,8 +5,6 @@ candidate model trained on synthetic rows."""
 from __future__ import annotations
 
 import os
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,32 +13,7 @@ import requests
 
 from abfleet import data
 from abfleet.settings import Settings
-
-ROOT = Path(__file__).resolve().parents[1]
-OUTPUT_DIR = ROOT / "test-output"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def fleet_settings(run_dir: Path, **overrides) -> Settings:
-    ports = {name: free_port() for name in
-             ("router_port", "production_port", "candidate_port", "mlflow_port", "prometheus_port", "airflow_port")}
-    defaults = {"reload_interval": 2.0, "admin_token": "test-token"}
-    return Settings(run_dir=run_dir, **{**defaults, **ports, **overrides})
+from tests.helpers import OUTPUT_DIR, fleet_settings, wait_for
 
 
 @dataclass(frozen=True)

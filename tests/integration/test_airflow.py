@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from abfleet import airflow_local, procs, registry, stack
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import requests
 
 from abfleet import data, procs, registry, stack
 from abfleet.api import PREDICT, acceptable_rows
-from tests.conftest import fleet_settings, wait_for
+from tests.helpers import fleet_settings, wait_for
 
 pytestmark = pytest.mark.slow
 POLICY_ENV = {"ABFLEET_DECISION_MIN_RUNTIME_HOURS": "0"}  # the test cannot wait a day

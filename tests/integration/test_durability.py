@@ -15,7 +15,7 @@ import requests
 
 from abfleet import procs
 from abfleet.api import FLAT
-from tests.conftest import free_port, wait_for
+from tests.helpers import free_port, wait_for
 from tests.helpers import health, start_model_server
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import requests
 
 from abfleet import procs
 from abfleet.api import FLAT, PREDICT
-from tests.conftest import ROOT, free_port, wait_for
+from tests.helpers import ROOT, free_port, wait_for
 from tests.helpers import health, start_model_server
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ from abfleet import fleet
 from abfleet.metrics import DECISIONS, ROUTER_CANDIDATE_WEIGHT, FleetStateCollector
 from abfleet.settings import Settings
 from abfleet.store import open_store
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 
 def test_the_weight_is_the_stores_row_else_the_settings(tmp_path):

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from abfleet import metrics
-from tests.integration.test_dashboards import dashboard_queries, iter_panels
+from tests.dashboards import dashboard_queries, iter_panels
 
 ROOT = Path(__file__).resolve().parents[2]
 MON = ROOT / "monitoring"

@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from abfleet import cli, router, stack
-from tests.conftest import fleet_settings
+from tests.helpers import fleet_settings
 
 
 def test_a_taken_port_is_named_with_the_setting_to_change(tmp_path, capsys, monkeypatch):
