@@ -54,7 +54,7 @@ http {{
 {servers}}}
 """
 
-NGINX_SERVER = """    upstream {name} {{ server {backend}; keepalive 64; }}
+NGINX_SERVER = """    upstream {name} {{ server {backend}; keepalive 64; keepalive_timeout 10s; }}
     server {{
         listen {listen};
         location / {{

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from abfleet.api import FLAT, PREDICT
-from tests.dashboards import DASHBOARD_DIR, ROOT, PanelQuery, abfleet_metrics, dashboard_queries
+from tests.dashboards import DASHBOARD_DIR, ROOT, PanelQuery, ParseOnlyQuery, abfleet_metrics, dashboard_queries
 
 pytestmark = pytest.mark.slow
 
@@ -148,7 +148,7 @@ def test_dashboard_query_parses_and_returns_data(live_prometheus, query: PanelQu
     note = check_query(prom_url, query, existing)
     if note:
         print(f"\n[dashboards] PARSE-ONLY {note}")
-        warnings.warn(f"PARSE-ONLY {note}", UserWarning, stacklevel=1)
+        warnings.warn(ParseOnlyQuery(f"PARSE-ONLY {note}"), stacklevel=1)
 
 
 def test_live_prometheus_loaded_the_alert_rules(live_prometheus):
