@@ -56,8 +56,9 @@ def moto_s3(tmp_path, monkeypatch):
 
     port = free_port()
     moto = str(Path(sys.executable).parent / "moto_server")
-    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=(tmp_path / "moto.log").open("wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    with (tmp_path / "moto.log").open("wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": endpoint}.items():
