@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
+from pathlib import Path
 
 import pytest
 import requests
@@ -78,7 +79,7 @@ def test_drift_dag_retrains_on_drift_and_not_otherwise(fleet, drift_settings):
 
     # The stored report is Evidently's HTML and names the drifted columns.
     assert summary["report"].startswith("file://") and "/drift/" in summary["report"]
-    html = open(summary["report"].removeprefix("file://"), encoding="utf-8").read()
+    html = Path(summary["report"].removeprefix("file://")).read_text(encoding="utf-8")
     assert "Evidently" in html and "total_sqft" in html and "location" in html
 
 
