@@ -212,6 +212,15 @@ class Predictions:
         }, held.version)
 
 
+class Recorded(NamedTuple):
+    """What a feedback request gets: the HTTP status, the JSON body, and the stored feedback
+    row (None when refused), which the caller counts into its metrics."""
+
+    status: int
+    body: dict
+    row: dict | None
+
+
 class Feedback:
     """The feedback service of one server: a rating, quick verdict or actual price is
     accepted only from the user who got the estimate, within the feedback window, and (an
@@ -228,9 +237,9 @@ class Feedback:
         self.bounds = api.PriceBounds(settings.actual_price_min_lakhs, settings.actual_price_max_lakhs,
                                       settings.actual_price_max_ratio)
 
-    def record(self, body: bytes | Mapping | None, user_id: str = "") -> tuple[int, dict, dict | None]:
-        """(HTTP status, JSON body, the stored row or None) for a feedback request whose body
-        is raw JSON bytes, form fields or None; `user_id` is the X-User-Id header as sent.
+    def record(self, body: bytes | Mapping | None, user_id: str = "") -> Recorded:
+        """The answer to a feedback request whose body is raw JSON bytes, form fields or None;
+        `user_id` is the X-User-Id header as sent.
 
         Checked in this order: the body (400/422), the prediction id (404), its user (403),
         the window (410), the actual price against the estimate (422), one of a kind (409)."""
@@ -239,29 +248,29 @@ class Feedback:
             if req.feedback_type == "actual_price":
                 self.bounds.check(req.feedback_value)
         except api.Refused as refused:
-            return refused.status, refused.body(), None
+            return Recorded(refused.status, refused.body(), None)
         pid, user = req.prediction_id, api.user_of(user_id)
         pred = self.store.get_prediction(pid)
         if pred is None:
-            return 404, api.error(f"prediction_id: no prediction {pid!r}", "prediction_id"), None
+            return Recorded(404, api.error(f"prediction_id: no prediction {pid!r}", "prediction_id"), None)
         if pred["user_id"] != user:
-            return 403, api.error("prediction_id: this estimate was given to another user; only they can rate it",
-                                  "prediction_id"), None
+            return Recorded(403, api.error("prediction_id: this estimate was given to another user; only they can rate it",
+                                           "prediction_id"), None)
         made = pred["created_at"]
         made = made.replace(tzinfo=dt.timezone.utc) if made.tzinfo is None else made  # SQLite hands back naive UTC
         if dt.datetime.now(dt.timezone.utc) - made > self.window:
             days = f"{self.window.total_seconds() / 86400:g}"
-            return 410, api.error(f"prediction_id: feedback on estimate {pid} closed {days} days after it was given",
-                                  "prediction_id"), None
+            return Recorded(410, api.error(f"prediction_id: feedback on estimate {pid} closed {days} days after it was given",
+                                           "prediction_id"), None)
         try:
             row = self.store.record_feedback(pid, req.feedback_type, req.feedback_value, self.received_by,
                                              user_id=user, bounds=self.bounds, prediction=pred)
         except api.Refused as refused:
-            return refused.status, refused.body(), None
+            return Recorded(refused.status, refused.body(), None)
         except Duplicate as exc:
-            return 409, api.error(f"feedback_type: {exc}", "feedback_type"), None
-        return 201, {"status": "recorded", "prediction_id": pid, "feedback_type": req.feedback_type,
-                     "variant": row["variant"], "model_version": row["model_version"], "ape": row["ape"]}, row
+            return Recorded(409, api.error(f"feedback_type: {exc}", "feedback_type"), None)
+        return Recorded(201, {"status": "recorded", "prediction_id": pid, "feedback_type": req.feedback_type,
+                              "variant": row["variant"], "model_version": row["model_version"], "ape": row["ape"]}, row)
 
 
 class RequestCounts:

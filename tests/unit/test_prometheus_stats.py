@@ -37,7 +37,7 @@ def stars(**values: str) -> list[dict]:
 def healthy(**changes: list[dict]) -> dict[str, list[dict]]:
     answers = {
         "histogram_quantile": one("0.012"), f"{metrics.LATENCY}_sum": one("0.006"),
-        f'status=~"5.."': one("0"), metrics.REQUESTS: one("400"),
+        'status=~"5.."': one("0"), metrics.REQUESTS: one("400"),
         metrics.RATINGS: stars(s1="2", s2="4", s3="10", s4="30", s5="40"),
         metrics.QUICK_FEEDBACK: [{"metric": {"kind": "accurate"}, "value": [0, "3"]}],
         metrics.APE_COUNT: one("30"), metrics.APE_SUM_SQ: one("0.3"), metrics.APE_SUM: one("1.5"),
@@ -63,7 +63,7 @@ def test_a_non_finite_ape_number_is_missing_not_zero(name, value):
     assert s["ape"][key] is None
 
 
-@pytest.mark.parametrize("name", [metrics.APE_SUM, metrics.APE_COUNT, f'status=~"5.."'])
+@pytest.mark.parametrize("name", [metrics.APE_SUM, metrics.APE_COUNT, 'status=~"5.."'])
 def test_an_absent_series_is_missing_not_zero(name):
     s = stats_of(healthy(**{name: []}))
     assert (s["errors"] if "status" in name else s["ape"]["count" if name == metrics.APE_COUNT else "sum"]) is None
