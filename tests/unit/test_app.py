@@ -313,3 +313,11 @@ def test_drift_report_says_a_report_exists_not_where(app, client):
     r = client.get("/api/drift_report")
     assert r.status_code == 200 and r.get_json()["report_available"] is True
     assert "fleet-bucket" not in r.get_data(as_text=True) and "report" not in r.get_json()
+
+
+@pytest.mark.parametrize("env", [{"ABFLEET_FEEDBACK_WINDOW_DAYS": "0"}, {"ABFLEET_ACTUAL_PRICE_MIN_LAKHS": "0"},
+                                 {"ABFLEET_ACTUAL_PRICE_MAX_LAKHS": "inf"}, {"ABFLEET_ACTUAL_PRICE_MAX_RATIO": "0.5"},
+                                 {"ABFLEET_ACTUAL_PRICE_MIN_LAKHS": "500", "ABFLEET_ACTUAL_PRICE_MAX_LAKHS": "100"}])
+def test_feedback_settings_are_checked(env):
+    with pytest.raises(ValueError, match="ABFLEET_"):
+        Settings.from_env(env)
