@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -27,7 +28,12 @@ MIN_SQFT, MAX_SQFT = 300.0, 30000.0
 MIN_BHK, MAX_BHK = 1, 10
 MIN_BATH, MAX_BATH = 1, 10
 MAX_LOCATION_LENGTH = 128
-MAX_ACTUAL_PRICE_LAKHS = 100000.0
+MAX_USER_ID_LENGTH = 128
+# Actual prices: the defaults of the server's bounds (Settings.actual_price_*), and the cap on
+# one APE, which the ratio already keeps below (ratio - 1) but a counter must never exceed.
+MIN_ACTUAL_PRICE_LAKHS, MAX_ACTUAL_PRICE_LAKHS = 1.0, 100000.0
+MAX_PRICE_RATIO = 20.0
+MAX_APE = 20.0
 
 # The sample request: a flat every model prices.
 FLAT = {"location": "Indira Nagar", "total_sqft": 1200, "bhk": 2, "bath": 2}
@@ -71,13 +77,43 @@ class FeedbackRequest(BaseModel):
             if value is None or value != math.floor(value) or not 1 <= value <= 5:
                 raise ValueError("feedback_value: a rating must be a whole number of stars from 1 to 5")
         elif self.feedback_type == "actual_price":
-            if value is None or not 0 < value <= MAX_ACTUAL_PRICE_LAKHS:
-                raise ValueError(
-                    f"feedback_value: an actual price must be in lakhs, above 0 and at most {MAX_ACTUAL_PRICE_LAKHS:g}"
-                )
+            if value is None or not value > 0:
+                raise ValueError("feedback_value: an actual price must be a positive number of lakhs")
         else:
             self.feedback_value = None  # quick verdicts carry no number
         return self
+
+
+def user_of(header: str | None) -> str | None:
+    """The user id a request speaks for, as predictions store it: the X-User-Id header (the
+    router sets it from its cookie or the client's header), None when there is none."""
+    return (header or "")[:MAX_USER_ID_LENGTH] or None
+
+
+@dataclass(frozen=True)
+class PriceBounds:
+    """What an actual price may be, in lakhs: within [low, high], and within a factor of
+    `ratio` of the estimate either way."""
+
+    low: float = MIN_ACTUAL_PRICE_LAKHS
+    high: float = MAX_ACTUAL_PRICE_LAKHS
+    ratio: float = MAX_PRICE_RATIO
+
+    def check(self, value: float) -> None:
+        """Raises `Refused` (422, feedback_value) unless `value` is within [low, high]."""
+        if not (math.isfinite(value) and self.low <= value <= self.high):
+            raise Refused(422, f"feedback_value: an actual price must be between {self.low:g} and {self.high:g} lakhs",
+                          "feedback_value")
+
+    def ape(self, value: float, estimate: float) -> float:
+        """The absolute percentage error of `estimate` against the actual price `value`: finite,
+        at most MAX_APE. Raises `Refused` (422, feedback_value) for a price out of bounds."""
+        self.check(value)
+        if not (math.isfinite(estimate) and estimate > 0 and estimate / self.ratio <= value <= estimate * self.ratio):
+            raise Refused(422, f"feedback_value: an actual price must be within a factor of {self.ratio:g} "
+                               f"of the estimate ({estimate:g} lakhs)", "feedback_value")
+        ape = abs(estimate - value) / value
+        return min(ape, MAX_APE) if math.isfinite(ape) else MAX_APE
 
 
 def error(message: str, field: str | None) -> dict:

@@ -132,6 +132,9 @@ def _moments(n: float, s: float, ss: float) -> tuple[float, float, float]:
 
 
 def _moments_ape(a: Any) -> tuple[float, float, float] | None:
+    """(n, mean, sample variance) of an {"count", "sum", "sum_sq"} APE summary; None (no APE
+    data, which never promotes) when the count is unknown, or a sum is unknown while the count
+    is not zero. Unknown is None, NaN, ±Inf or negative: never read as 0, a perfect score."""
     if not isinstance(a, Mapping):
         return None
     n, s, ss = _num(a.get("count")), _num(a.get("sum")), _num(a.get("sum_sq"))

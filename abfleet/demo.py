@@ -69,10 +69,13 @@ def drive_traffic(settings: Settings, requests_count: int = 300) -> collections.
     def ask(i: int) -> tuple[str, int]:
         flat = flats[i % len(flats)]
         body = {k: flat[k] for k in data.FEATURES}
-        r = requests.post(f"{router}{api.PREDICT}", json=body, headers={"X-User-Id": f"demo-{uuid.uuid4().hex[:12]}"}, timeout=10)
+        user = {"X-User-Id": f"demo-{uuid.uuid4().hex[:12]}"}
+        r = requests.post(f"{router}{api.PREDICT}", json=body, headers=user, timeout=10)
         if r.status_code == 200 and i % 10 == 0:
             stars = 5 if abs(r.json()["estimated_price"] - flat["price"]) / flat["price"] < 0.2 else 3
-            requests.post(f"{router}{api.FEEDBACK}", json={"prediction_id": r.json()["prediction_id"], "feedback_type": "rating", "feedback_value": stars}, timeout=10)
+            # The same user rates: feedback is accepted only from the user who got the estimate.
+            requests.post(f"{router}{api.FEEDBACK}", json={"prediction_id": r.json()["prediction_id"], "feedback_type": "rating", "feedback_value": stars},
+                          headers=user, timeout=10)
         return r.headers.get("X-Variant", "none"), r.status_code
 
     with ThreadPoolExecutor(8) as pool:

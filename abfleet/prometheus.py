@@ -7,6 +7,7 @@ shape. The counter alignment (`value_at`, `common_instant`, `growth_between`) ne
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import requests
@@ -23,6 +24,15 @@ class Samples(Protocol):
     """What the counter alignment reads: every series' raw samples in a window."""
 
     def samples(self, selector: str, seconds: float, at: float) -> dict[tuple, list[tuple[float, float]]]: ...
+
+
+def finite(raw: Any) -> float | None:
+    """A sample value as a float; None (unknown) for NaN, ±Inf or anything not a number."""
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 class Prometheus:
@@ -43,14 +53,13 @@ class Prometheus:
         return body["data"]["result"]
 
     def scalar(self, expr: str) -> float | None:
+        """The value of a one-sample result; None when there is none or it is not finite."""
         result = self.query(expr)
-        if not result:
-            return None
-        value = float(result[0]["value"][1])
-        return value if value == value and abs(value) != float("inf") else None  # NaN / inf → unknown
+        return finite(result[0]["value"][1]) if result else None
 
-    def by_label(self, expr: str, label: str) -> dict[str, float]:
-        return {r["metric"].get(label, ""): float(r["value"][1]) for r in self.query(expr)}
+    def by_label(self, expr: str, label: str) -> dict[str, float | None]:
+        """Each sample's value by its `label`; a value that is not finite is None."""
+        return {r["metric"].get(label, ""): finite(r["value"][1]) for r in self.query(expr)}
 
     def samples(self, selector: str, seconds: float, at: float) -> dict[tuple, list[tuple[float, float]]]:
         """The raw samples of every series of `selector` in the `seconds` before `at`."""
@@ -135,9 +144,17 @@ def _count(x: float | None) -> int | None:
     return None if x is None else int(round(x))
 
 
+def _counts(values: dict[str, float | None]) -> dict[str, int] | None:
+    # One unknown value makes the whole histogram unknown: reading it as 0 would skew it.
+    if any(v is None for v in values.values()):
+        return None
+    return {key: _count(v) for key, v in sorted(values.items())}
+
+
 def variant_stats(prom: Prometheus, variant: str, version: str, since: float, window: str,
                   end: float | None = None) -> dict[str, Any]:
-    """One arm's numbers since the experiment started, in the decision input's shape.
+    """One arm's numbers since the experiment started, in the decision input's shape; a
+    number Prometheus does not have (or has as NaN or ±Inf) is None, never 0.
 
     With `end` (see `common_instant`) the request count is the growth from `since` to `end`,
     read between scrapes, so both arms are counted over the same stretch of time."""
@@ -153,13 +170,15 @@ def variant_stats(prom: Prometheus, variant: str, version: str, since: float, wi
         "model_version": version,
         "requests": _count(growth_between(prom, series["requests"], since, end) if end is not None and not reset
                            else prom.scalar(growth("requests"))),
-        "errors": _count(prom.scalar(growth("errors"))) or 0,
+        "errors": _count(prom.scalar(growth("errors"))),
         "latency_p95_ms": None if p95 is None else round(p95 * 1000, 3),
         "latency_mean_ms": None if mean is None else round(mean * 1000, 3),
-        "ratings": {stars: _count(v) for stars, v in sorted(prom.by_label(growth("ratings", "stars"), "stars").items())},
-        "quick": {kind: _count(v) for kind, v in sorted(prom.by_label(growth("quick", "kind"), "kind").items())},
-        "ape": {"count": _count(prom.scalar(growth("ape_count"))) or 0, "sum": prom.scalar(growth("ape_sum")) or 0.0,
-                "sum_sq": prom.scalar(growth("ape_sum_sq")) or 0.0},
+        "ratings": _counts(prom.by_label(growth("ratings", "stars"), "stars")),
+        "quick": _counts(prom.by_label(growth("quick", "kind"), "kind")),
+        # Missing or non-finite stays None (the decision reads "no APE data"), never 0: a sum
+        # read as 0 would be a perfect score.
+        "ape": {"count": _count(prom.scalar(growth("ape_count"))), "sum": prom.scalar(growth("ape_sum")),
+                "sum_sq": prom.scalar(growth("ape_sum_sq"))},
     }
 
 

@@ -11,6 +11,7 @@ the server's lean WSGI path and its Flask view both call it with the raw body.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import threading
@@ -23,7 +24,7 @@ from abfleet import api, registry
 from abfleet.metrics import ServerMetrics
 from abfleet.model import FastPredictor
 from abfleet.settings import Settings
-from abfleet.store import Store
+from abfleet.store import Duplicate, Store
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,22 @@ class Loaded:
     predictor: FastPredictor
 
 
+# What clients are told when the registry or the model failed; the detail goes to the log.
+MODEL_UNAVAILABLE = "the model could not be loaded from the registry (details in the server log)"
+
+
+def no_model_yet(holder: "ModelHolder") -> str:
+    """The public sentence of a 503 while `holder` has no model."""
+    return f"no model loaded yet: {holder.problem or 'loading'}"
+
+
 class ModelHolder:
     def __init__(self, settings: Settings, on_swap: Callable[[Loaded | None, Loaded], None] | None = None):
         self.settings = settings
         self.variant = settings.variant
         self.current: Loaded | None = None
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # the detail, for the log only
+        self.problem: str | None = None  # what a public body may say about it
         self._on_swap = on_swap
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -71,19 +82,20 @@ class ModelHolder:
             try:
                 wanted = self.wanted()
                 if wanted is None:
-                    self.last_error = f"no @{self.variant} model in the registry"
+                    self.last_error = self.problem = f"no @{self.variant} model in the registry"
                     return False
                 version, alias, fallback = wanted
                 held = self.current
                 if held is not None and (held.version, held.alias, held.fallback) == wanted:
-                    self.last_error = None
+                    self.last_error = self.problem = None
                     return False
                 predictor = FastPredictor(registry.load_model(self.settings, version))
                 loaded = Loaded(version, alias, fallback, predictor)
                 self.current = loaded  # one reference assignment: readers see old or new, never half
-                self.last_error = None
-            except Exception as exc:  # keep serving what we hold; report the cause in /api/health
+                self.last_error = self.problem = None
+            except Exception as exc:  # keep serving what we hold; the cause goes to the log, not to clients
                 self.last_error = f"{type(exc).__name__}: {exc}"
+                self.problem = MODEL_UNAVAILABLE
                 log.warning("model refresh failed: %s", self.last_error)
                 return False
         log.info("now serving version %s (@%s%s)", version, alias, ", fallback" if fallback else "")
@@ -173,7 +185,7 @@ class Predictions:
         except api.Refused as refused:
             return Answer(refused.status, refused.body(), held.version if held is not None else "none")
         if held is None:
-            return Answer(503, api.error(f"no model loaded yet: {self.holder.last_error or 'loading'}", None), "none")
+            return Answer(503, api.error(no_model_yet(self.holder), None), "none")
         predictor = held.predictor
         location = predictor.model_location(req.location, self.vocabulary)
         if location is None:
@@ -188,7 +200,7 @@ class Predictions:
             self.store.record_prediction({
                 "id": prediction_id, "variant": self.variant, "model_version": held.version,
                 "location": req.location, "total_sqft": req.total_sqft, "bhk": req.bhk, "bath": req.bath,
-                "estimated_price": estimate, "latency_ms": latency_ms, "user_id": user_id[:128] or None,
+                "estimated_price": estimate, "latency_ms": latency_ms, "user_id": api.user_of(user_id),
             })
         except Exception as exc:  # an answer we could not store is not given: nothing is lost silently
             log.error("prediction not stored: %s", exc)
@@ -198,6 +210,67 @@ class Predictions:
             "estimated_price": estimate, "prediction_id": prediction_id, "model_version": held.version,
             "unit": "lakh INR", "location": req.location, "total_sqft": req.total_sqft, "bhk": req.bhk, "bath": req.bath,
         }, held.version)
+
+
+class Recorded(NamedTuple):
+    """What a feedback request gets: the HTTP status, the JSON body, and the stored feedback
+    row (None when refused), which the caller counts into its metrics."""
+
+    status: int
+    body: dict
+    row: dict | None
+
+
+class Feedback:
+    """The feedback service of one server: a rating, quick verdict or actual price is
+    accepted only from the user who got the estimate, within the feedback window, and (an
+    actual price) within the price bounds; `record` says what to answer.
+
+    A prediction stored without a user id (a client that called a server directly, without
+    X-User-Id) can be rated only by a request without one: through the router every request
+    has a user id, so nobody there can rate an anonymous estimate."""
+
+    def __init__(self, store: Store, settings: Settings):
+        self.store = store
+        self.received_by = settings.variant
+        self.window = dt.timedelta(days=settings.feedback_window_days)
+        self.bounds = api.PriceBounds(settings.actual_price_min_lakhs, settings.actual_price_max_lakhs,
+                                      settings.actual_price_max_ratio)
+
+    def record(self, body: bytes | Mapping | None, user_id: str = "") -> Recorded:
+        """The answer to a feedback request whose body is raw JSON bytes, form fields or None;
+        `user_id` is the X-User-Id header as sent.
+
+        Checked in this order: the body (400/422), the prediction id (404), its user (403),
+        the window (410), the actual price against the estimate (422), one of a kind (409)."""
+        try:
+            req = api.parse(api.FeedbackRequest, body)
+            if req.feedback_type == "actual_price":
+                self.bounds.check(req.feedback_value)
+        except api.Refused as refused:
+            return Recorded(refused.status, refused.body(), None)
+        pid, user = req.prediction_id, api.user_of(user_id)
+        pred = self.store.get_prediction(pid)
+        if pred is None:
+            return Recorded(404, api.error(f"prediction_id: no prediction {pid!r}", "prediction_id"), None)
+        if pred["user_id"] != user:
+            return Recorded(403, api.error("prediction_id: this estimate was given to another user; only they can rate it",
+                                           "prediction_id"), None)
+        made = pred["created_at"]
+        made = made.replace(tzinfo=dt.timezone.utc) if made.tzinfo is None else made  # SQLite hands back naive UTC
+        if dt.datetime.now(dt.timezone.utc) - made > self.window:
+            days = f"{self.window.total_seconds() / 86400:g}"
+            return Recorded(410, api.error(f"prediction_id: feedback on estimate {pid} closed {days} days after it was given",
+                                           "prediction_id"), None)
+        try:
+            row = self.store.record_feedback(pid, req.feedback_type, req.feedback_value, self.received_by,
+                                             user_id=user, bounds=self.bounds, prediction=pred)
+        except api.Refused as refused:
+            return Recorded(refused.status, refused.body(), None)
+        except Duplicate as exc:
+            return Recorded(409, api.error(f"feedback_type: {exc}", "feedback_type"), None)
+        return Recorded(201, {"status": "recorded", "prediction_id": pid, "feedback_type": req.feedback_type,
+                              "variant": row["variant"], "model_version": row["model_version"], "ape": row["ape"]}, row)
 
 
 class RequestCounts:

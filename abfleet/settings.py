@@ -116,6 +116,14 @@ class Settings:
     admin_token_file: str = ""
     max_body_bytes: int = 64 * 1024
 
+    # Feedback: accepted this many days after the estimate, from the user who got it.
+    feedback_window_days: float = 7.0
+    # An actual price (lakhs) outside these bounds, or further than the ratio from the
+    # estimate either way, is refused: one absurd price must not move the APE numbers.
+    actual_price_min_lakhs: float = 1.0
+    actual_price_max_lakhs: float = 100000.0
+    actual_price_max_ratio: float = 20.0
+
     # ---- derived locations -------------------------------------------------
     @property
     def db_url(self) -> str:
@@ -201,6 +209,13 @@ class Settings:
             raise ValueError(f"VARIANT must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if not 0 <= self.candidate_weight <= 100:
             raise ValueError(f"ABFLEET_CANDIDATE_WEIGHT must be 0..100, got {self.candidate_weight}")
+        if not self.feedback_window_days > 0:
+            raise ValueError(f"ABFLEET_FEEDBACK_WINDOW_DAYS must be > 0, got {self.feedback_window_days}")
+        if not 0 < self.actual_price_min_lakhs < self.actual_price_max_lakhs < float("inf"):
+            raise ValueError("need 0 < ABFLEET_ACTUAL_PRICE_MIN_LAKHS < ABFLEET_ACTUAL_PRICE_MAX_LAKHS (finite), got "
+                             f"{self.actual_price_min_lakhs} and {self.actual_price_max_lakhs}")
+        if not 1 <= self.actual_price_max_ratio < float("inf"):
+            raise ValueError(f"ABFLEET_ACTUAL_PRICE_MAX_RATIO must be >= 1 and finite, got {self.actual_price_max_ratio}")
 
     def env(self) -> dict[str, str]:
         """These settings as environment variables, for child processes."""

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from abfleet.api import PriceBounds
 from abfleet.spool import PredictionSpool, SpoolReader, default_spool_dir
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ feedback = sa.Table(
     sa.Column("variant", sa.String(16), nullable=False),
     sa.Column("model_version", sa.String(32), nullable=False),
     sa.Column("received_by", sa.String(16)),
+    sa.Column("user_id", sa.String(128)),  # who rated: the prediction's own user
     sa.UniqueConstraint("prediction_id", "kind", name="one_feedback_of_a_kind"),
 )
 
@@ -89,6 +91,9 @@ fleet_state = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
+
+# Nullable columns added after their table was first released: `init_schema` adds them to older stores.
+ADDED_COLUMNS = [(feedback, "user_id")]
 
 FEEDBACK_KIND = {"rating": "rating", "accurate": "quick", "too_high": "quick", "too_low": "quick", "actual_price": "actual_price"}
 
@@ -195,11 +200,28 @@ class Store:
                 conn.execute(predictions.insert(), list(fresh.values()))
 
     def init_schema(self) -> None:
-        """Create missing tables (idempotent; safe when several workers start at once)."""
+        """Create missing tables and add the columns that tables created by an earlier version
+        lack (idempotent; safe when several workers start at once)."""
         try:
             metadata.create_all(self.engine)
         except sa.exc.OperationalError:
             metadata.create_all(self.engine)  # another worker raced us to CREATE TABLE
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        # A stopgap until schema migrations have their own tool: nullable columns added since
+        # a table was first created, added in place so existing stores keep working.
+        for table, column in ADDED_COLUMNS:
+            if column in {c["name"] for c in sa.inspect(self.engine).get_columns(table.name)}:
+                continue
+            kind = table.c[column].type.compile(dialect=self.engine.dialect)
+            try:
+                with self.engine.begin() as conn:
+                    conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column} {kind}")
+            except sa.exc.DBAPIError:
+                # Another worker added it first; anything else is still a failure.
+                if column not in {c["name"] for c in sa.inspect(self.engine).get_columns(table.name)}:
+                    raise
 
     def ping(self) -> bool:
         try:
@@ -259,20 +281,24 @@ class Store:
 
     # ---- feedback ----------------------------------------------------------
     def record_feedback(
-        self, prediction_id: str, feedback_type: str, value: float | None, received_by: str | None = None
+        self, prediction_id: str, feedback_type: str, value: float | None, received_by: str | None = None, *,
+        user_id: str | None = None, bounds: PriceBounds | None = None, prediction: dict | None = None,
     ) -> dict:
-        """Store one piece of feedback against the prediction's own variant and version.
+        """Store one piece of feedback from `user_id` against the prediction's own variant and
+        version; an actual price gets its APE, bounded by `bounds` (default: api.PriceBounds()).
+        `prediction` is the prediction's row when the caller has read it already.
 
-        Raises NotFound for an unknown prediction id and Duplicate when feedback of the same
-        kind (star rating, quick verdict, actual price) was already recorded for it.
+        Everything is computed before the row is written. Raises NotFound for an unknown
+        prediction id, api.Refused for an actual price out of bounds, and Duplicate when feedback
+        of the same kind (star rating, quick verdict, actual price) was already recorded for it.
         """
         kind = FEEDBACK_KIND[feedback_type]
-        pred = self.get_prediction(prediction_id)
+        pred = prediction if prediction is not None else self.get_prediction(prediction_id)
         if pred is None:
             raise NotFound(prediction_id)
         ape = None
-        if feedback_type == "actual_price" and value:
-            ape = abs(pred["estimated_price"] - value) / value
+        if feedback_type == "actual_price":
+            ape = (bounds or PriceBounds()).ape(value, pred["estimated_price"])
         row = {
             "prediction_id": prediction_id,
             "created_at": now(),
@@ -283,6 +309,7 @@ class Store:
             "variant": pred["variant"],
             "model_version": pred["model_version"],
             "received_by": received_by,
+            "user_id": user_id,
         }
         try:
             with self.engine.begin() as conn:

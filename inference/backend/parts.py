@@ -10,7 +10,7 @@ from flask import Flask, current_app
 
 from abfleet import api, data
 from abfleet.metrics import FleetStateCollector, ServerMetrics
-from abfleet.serving import Loaded, ModelHolder, Predictions, RequestCounts
+from abfleet.serving import Feedback, Loaded, ModelHolder, Predictions, RequestCounts
 from abfleet.settings import Settings
 from abfleet.store import Store
 
@@ -26,6 +26,7 @@ class Parts(TypedDict):
     metrics: ServerMetrics
     counts: RequestCounts
     predictions: Predictions
+    feedback: Feedback
     fleet_registry: object  # a prometheus CollectorRegistry of the fleet's state (production exports it)
 
 
@@ -67,6 +68,7 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
     parts = Parts(settings=settings, holder=holder, store=store, metrics=metrics,
                   counts=RequestCounts(metrics, variant),
                   predictions=Predictions(holder, store, data.known_locations()),
+                  feedback=Feedback(store, settings),
                   fleet_registry=fleet_registry)
     app.extensions[EXTENSION] = parts
     return parts

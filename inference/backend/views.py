@@ -11,7 +11,7 @@ from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from abfleet import api, fleet
-from abfleet.store import Duplicate, NotFound
+from abfleet.serving import no_model_yet
 from inference.backend.parts import parts
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ def _http_error(exc: HTTPException):
 
 
 def internal_error(exc: Exception) -> dict:
-    """The body of a 500: the kind of failure, never a traceback."""
+    """The body of a 500: the kind of failure (its class name), never its message or a
+    traceback; those go to the log."""
     log.exception("unexpected error")
     return api.error(f"internal error: {type(exc).__name__}", None)
 
@@ -89,7 +90,7 @@ def get_location_names():
     p = parts()
     held = p["holder"].current
     if held is None:
-        return refuse(f"no model loaded yet: {p['holder'].last_error or 'loading'}", None, 503)
+        return refuse(no_model_yet(p["holder"]), None, 503)
     vocabulary = p["predictions"].vocabulary
     return jsonify(locations=sorted(vocabulary.union(held.predictor.locations) - {"other"}) + ["other"])
 
@@ -97,29 +98,22 @@ def get_location_names():
 @bp.post(api.FEEDBACK)
 def record_feedback():
     p = parts()
-    try:
-        req = api.parse(api.FeedbackRequest, request_body())
-    except api.Refused as refused:
-        return jsonify(refused.body()), refused.status
-    try:
-        row = p["store"].record_feedback(req.prediction_id, req.feedback_type, req.feedback_value,
-                                         received_by=p["settings"].variant)
-    except NotFound:
-        return refuse(f"prediction_id: no prediction {req.prediction_id!r}", "prediction_id", 404)
-    except Duplicate as exc:
-        return refuse(f"feedback_type: {exc}", "feedback_type", 409)
-    metrics = p["metrics"]
-    v, mv = row["variant"], row["model_version"]
-    if row["kind"] == "rating":
-        metrics.ratings.labels(v, mv, str(int(req.feedback_value))).inc()
-    elif row["kind"] == "quick":
-        metrics.quick.labels(v, mv, req.feedback_type).inc()
-    else:
-        metrics.ape_count.labels(v, mv).inc()
-        metrics.ape_sum.labels(v, mv).inc(row["ape"])
-        metrics.ape_sum_sq.labels(v, mv).inc(row["ape"] ** 2)
-    return jsonify(status="recorded", prediction_id=req.prediction_id, feedback_type=req.feedback_type,
-                   variant=v, model_version=mv, ape=row["ape"]), 201
+    status, body, row = p["feedback"].record(request_body(), request.environ.get("HTTP_X_USER_ID", ""))
+    if row is not None:
+        metrics = p["metrics"]
+        v, mv = row["variant"], row["model_version"]
+        if row["kind"] == "rating":
+            metrics.ratings.labels(v, mv, str(int(row["feedback_value"]))).inc()
+        elif row["kind"] == "quick":
+            metrics.quick.labels(v, mv, row["feedback_type"]).inc()
+        else:
+            # The APE is finite and capped (api.PriceBounds.ape): the three counters move together.
+            ape = row["ape"]
+            square = ape * ape
+            metrics.ape_count.labels(v, mv).inc()
+            metrics.ape_sum.labels(v, mv).inc(ape)
+            metrics.ape_sum_sq.labels(v, mv).inc(square)
+    return jsonify(body), status
 
 
 @bp.get(api.HEALTH)
@@ -136,7 +130,7 @@ def health():
         "serving_alias": held.alias if held else None,
         "fallback": bool(held and held.fallback),
         "store_reachable": store_ok,
-        "last_error": holder.last_error,
+        "last_error": holder.problem,  # public wording; the detail is in the log
     }
     if held and held.fallback:
         body["note"] = "no candidate in the registry: serving the production model"
@@ -148,7 +142,10 @@ def drift_report():
     summary = parts()["store"].get_state("drift_summary")
     if summary is None:
         return refuse("no drift check has run yet: the daily drift_monitoring DAG or `abfleet drift` makes one", None, 404)
-    return jsonify(summary)
+    # The report's location names the bucket or a local path: say only whether there is one.
+    public = {k: v for k, v in summary.items() if k != "report"}
+    public["report_available"] = bool(summary.get("report"))
+    return jsonify(public)
 
 
 @bp.post(api.RELOAD)

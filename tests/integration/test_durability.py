@@ -102,8 +102,10 @@ def test_answered_predictions_survive_a_sigkill_mid_burst(fleet, tmp_path):
         assert not leftovers, f"spool files still holding rows after the replay: {leftovers}"
         # And the replayed predictions take feedback like any other.
         pid = sorted(answered_ids)[0]
+        with sqlite3.connect(db) as conn:  # feedback comes from the user who got the estimate
+            (user,) = conn.execute("SELECT user_id FROM predictions WHERE id = ?", (pid,)).fetchone()
         r = requests.post(f"{url}/api/feedback", json={"prediction_id": pid, "feedback_type": "rating", "feedback_value": 4},
-                          timeout=10)
+                          headers={"X-User-Id": user}, timeout=10)
         assert r.status_code == 201, r.text
     finally:
         procs.stop_child(server, timeout=30)

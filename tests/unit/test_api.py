@@ -4,6 +4,7 @@ request is accepted, refusals name the field, and the library needs nothing from
 from __future__ import annotations
 
 import ast
+import math
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -87,3 +88,43 @@ def test_the_library_does_not_import_the_server():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "inference" or n.startswith("inference.") for n in names), path.name
+
+
+def test_user_of_is_the_stored_user_id():
+    assert api.user_of("u-1") == "u-1" and api.user_of("") is None and api.user_of(None) is None
+    assert api.user_of("x" * 500) == "x" * api.MAX_USER_ID_LENGTH
+
+
+@pytest.mark.parametrize("value", [5e-324, 1e-300, 0.0, -1.0, 0.99, 100000.01, 1e308, math.inf, math.nan])
+def test_prices_out_of_the_absolute_bounds_are_refused(value):
+    with pytest.raises(api.Refused) as refused:
+        api.PriceBounds().ape(value, 100.0)
+    assert refused.value.status == 422 and refused.value.field == "feedback_value"
+
+
+@pytest.mark.parametrize("value", [100.0 * 20.01, 100.0 / 20.01])
+def test_prices_beyond_the_ratio_are_refused(value):
+    with pytest.raises(api.Refused) as refused:
+        api.PriceBounds().ape(value, 100.0)
+    assert "factor of 20" in refused.value.message
+
+
+@pytest.mark.parametrize("value,expected", [(100.0, 0.0), (200.0, 0.5), (50.0, 1.0), (5.0, 19.0), (2000.0, 0.95)])
+def test_ape_is_finite_and_within_the_cap(value, expected):
+    ape = api.PriceBounds().ape(value, 100.0)
+    assert ape == pytest.approx(expected) and math.isfinite(ape) and ape <= api.MAX_APE
+
+
+def test_bounds_are_configurable():
+    bounds = api.PriceBounds(low=10.0, high=500.0, ratio=2.0)
+    assert bounds.ape(150.0, 100.0) == pytest.approx(1 / 3)
+    for value in (9.0, 501.0, 49.0):
+        with pytest.raises(api.Refused):
+            bounds.ape(value, 100.0)
+
+
+@pytest.mark.parametrize("value", [0.0, -3.0, None])
+def test_an_actual_price_must_be_a_positive_number(value):
+    with pytest.raises(api.Refused) as refused:
+        api.parse(api.FeedbackRequest, {"prediction_id": "ab", "feedback_type": "actual_price", "feedback_value": value})
+    assert refused.value.field == "feedback_value"

@@ -288,3 +288,18 @@ def test_defaults() -> None:
     assert (p.min_runtime_hours, p.max_runtime_hours) == (24.0, 168.0)
     assert (p.promote_score_gain, p.rollback_score_loss) == (0.05, 0.20)
     assert (p.accuracy_weight, p.latency_weight, p.min_ape_count) == (0.7, 0.3, 20)
+
+
+@pytest.mark.parametrize("arm_name", ["production", "candidate"])
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf, -math.inf, -1.0, "inf"])
+@pytest.mark.parametrize("key", ["sum", "sum_sq", "count"])
+def test_an_unknown_ape_number_is_no_ape_data_and_never_promotes(arm_name: str, bad: Any, key: str) -> None:
+    # Equal ratings; the candidate's APE alone is clearly better, so complete stats promote.
+    stats = make(EQUAL_HIST, 30.0, ape=ape(0.05, 0.03, 60))
+    stats["variants"]["production"]["ape"] = ape(0.30, 0.10, 60)
+    assert decide(stats)["decision"] == "promote"
+    stats["variants"][arm_name]["ape"][key] = bad
+    r = decide(stats)
+    assert r["decision"] == "continue", r["reasons"]
+    assert r["checks"]["ape"]["status"] == "missing" and f"{arm_name}.ape" in " ".join(r["reasons"])
+    assert_json(r)
