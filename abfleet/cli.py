@@ -99,7 +99,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     if args.from_store:
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            result = train.train_candidate(settings, progress=_say)
+            result = train.train_candidate(settings, force=args.force, progress=_say)
         _emit(args, result, f"version {result['version']}: {'@candidate' if result['candidate_set'] else 'not made candidate'} ({result['reason']})")
         return 0
     if not args.data:
@@ -109,10 +109,11 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     # MLflow prints run links on stdout; keep stdout for our own output (--json).
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        result = train.train(settings, Path(args.data), alias=args.alias, seed=args.seed, progress=_say)
+        result = train.train(settings, Path(args.data), alias=args.alias, seed=args.seed, force=args.force, progress=_say)
     m = result["metrics"]
     text = (f"registered {settings.model_name} version {result['version']}"
-            + (f" as @{args.alias}" if args.alias else "")
+            + (f" as @{result['alias']}" if result["alias"] else "")
+            + (f", NOT made @candidate: {result['candidate_deferred']}" if result.get("candidate_deferred") else "")
             + f"\n  median APE {m['median_ape']:.1%}  MAPE {m['mape']:.1%}  MAE {m['mae']:.2f} lakhs  R² {m['r2']:.3f}")
     _emit(args, result, text)
     return 0
@@ -163,6 +164,9 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_manual(args: argparse.Namespace, settings: Settings) -> int:
     record = evaluation.manual(settings, args.command, args.reason)
+    if not record["applied"]:  # an alias moved between the read and the action: nothing changed
+        _emit(args, record, f"{args.command}: not applied, {record.get('refused')}; decision #{record['id']}")
+        return 1
     action = record.get("action") or {}
     _emit(args, record, f"{args.command}: done ({', '.join(f'{k}={v}' for k, v in action.items())}); decision #{record['id']}")
     return 0
@@ -247,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-store", action="store_true",
                    help="train on the newest published dataset and set @candidate only if it passes the offline check")
     p.add_argument("--seed", type=int, default=0, help="split and model seed (default 0)")
+    p.add_argument("--force", action="store_true",
+                   help="replace @candidate even when its experiment is younger than the minimum run (the old one is tagged superseded)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_train)
 

@@ -22,11 +22,7 @@ log = logging.getLogger(__name__)
 
 def experiment_start(settings: Settings, version: str) -> dt.datetime:
     """When `version` became @candidate (its `candidate_since` tag), else when it was registered."""
-    info = registry.version_info(settings, version)
-    tag = (info.tags or {}).get("candidate_since")
-    if tag:
-        return dt.datetime.fromisoformat(tag)
-    return dt.datetime.fromtimestamp(info.creation_timestamp / 1000, dt.timezone.utc)
+    return registry.experiment_start(settings, version)
 
 
 def collect(settings: Settings, now: dt.datetime | None = None) -> dict:
@@ -99,7 +95,11 @@ def judge(collected: dict, policy: DecisionPolicy | None = None) -> dict:
 
 
 def act(settings: Settings, collected: dict, outcome: dict, *, dry_run: bool = False, source: str = "cli") -> dict:
-    """Apply the decision (aliases, tags, reload, webhook) and record it, continue included."""
+    """Apply the decision (aliases, tags, reload, webhook) and record it, continue included.
+
+    The action applies to the versions `collected` read, never to whatever the aliases hold
+    by now: when either alias moved since, nothing changes and the record says "refused" and
+    why (`applied` false)."""
     decision = outcome["decision"]
     reasons = list(outcome.get("reasons") or [])
     record: dict[str, Any] = {"decision": decision, "reasons": reasons, "source": source, "applied": False,
@@ -109,9 +109,16 @@ def act(settings: Settings, collected: dict, outcome: dict, *, dry_run: bool = F
         return record
     if decision in (PROMOTE, ROLLBACK) and collected.get("candidate_version"):
         action = registry.promote if decision == PROMOTE else registry.rollback
-        record["action"] = action(settings, reasons, source)
-        record["applied"] = True
-        record["reloaded"] = fleet.reload_servers(settings)
+        try:
+            record["action"] = action(settings, reasons, source, candidate=collected["candidate_version"],
+                                      production=collected.get("production_version"))
+        except registry.AliasMoved as exc:
+            record["refused"] = f"refused: {exc}"
+            record["reasons"] = reasons + [record["refused"]]
+            log.warning("%s not applied: %s", decision, record["refused"])
+        else:
+            record["applied"] = True
+            record["reloaded"] = fleet.reload_servers(settings)
         record["webhook"] = fleet.notify(settings, record)
     record["id"] = _record(settings, record, outcome, collected)
     return record
@@ -127,7 +134,8 @@ def evaluate(settings: Settings, *, dry_run: bool = False, source: str = "cli") 
 
 
 def manual(settings: Settings, decision: str, reason: str | None) -> dict:
-    """`abfleet promote|rollback`: the same action and audit trail as the DAG's."""
+    """`abfleet promote|rollback`: the same action and audit trail as the DAG's, on the
+    versions the aliases hold when it reads them (refused, and recorded so, if they move)."""
     collected = collect(settings)
     if not collected.get("candidate_version"):
         raise registry.RegistryError(f"there is no @candidate to {decision}")
@@ -137,7 +145,8 @@ def manual(settings: Settings, decision: str, reason: str | None) -> dict:
 
 def _record(settings: Settings, record: dict, outcome: dict, collected: dict) -> int:
     details = {"stats": collected.get("stats"), "checks": outcome.get("checks"), "score": outcome.get("score"),
-               "flags": outcome.get("flags", []), "action": record.get("action"), "since": collected.get("since"),
+               "flags": outcome.get("flags", []), "action": record.get("action"), "refused": record.get("refused"),
+               "since": collected.get("since"),
                "arms": collected.get("arms"), "problems": collected.get("problems")}
     with open_store(settings) as store:
         decision_id = store.record_decision(record["decision"], record["source"], record["applied"], record["reasons"],

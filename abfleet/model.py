@@ -35,6 +35,14 @@ SKOPS_TRUSTED_TYPES = [
 ]
 
 
+def load_skops(path) -> TransformedTargetRegressor:
+    """A fitted model from a skops file, trusting only SKOPS_TRUSTED_TYPES (this code's list,
+    never one written beside the file); raises when the file holds any other type."""
+    import skops.io
+
+    return skops.io.load(path, trusted=SKOPS_TRUSTED_TYPES)
+
+
 @dataclass(frozen=True)
 class ModelParams:
     max_iter: int = 400

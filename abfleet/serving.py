@@ -3,7 +3,9 @@
 A server of variant V serves `models:/<name>@V`; the candidate server falls back to
 `@production` while there is no candidate and says so. A watcher thread re-reads the
 alias every `reload_interval` seconds (or at once on `refresh()`) and swaps the model in
-memory: requests in flight keep the object they already took, so none fails.
+memory: requests in flight keep the object they already took, so none fails. A version
+whose artifact is refused (`registry.ArtifactRefused`: not skops, checksum mismatch) is
+never swapped in: the server keeps what it holds and says why in `last_error`.
 
 `Predictions.answer` is the one place a predict request is validated, scored and recorded:
 the server's lean WSGI path and its Flask view both call it with the raw body.
@@ -56,6 +58,7 @@ class ModelHolder:
         self._on_swap = on_swap
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._refused: dict[str, str] = {}  # version → why; not fetched again until wake()
 
     @classmethod
     def fixed(cls, settings: Settings, predictor: FastPredictor, version: str) -> "ModelHolder":
@@ -89,7 +92,18 @@ class ModelHolder:
                 if held is not None and (held.version, held.alias, held.fallback) == wanted:
                     self.last_error = self.problem = None
                     return False
-                predictor = FastPredictor(registry.load_model(self.settings, version))
+                if version in self._refused:  # refused already: no download every reload_interval
+                    self.last_error = self._refused[version]
+                    return False
+                try:
+                    fitted = registry.load_model(self.settings, version)
+                except registry.ArtifactRefused as refused:
+                    self._refused = {version: str(refused)}
+                    self.last_error = str(refused)  # short and public; the detail goes to the log
+                    log.error("%s (%s); still serving %s", refused, refused.detail,
+                              f"version {held.version}" if held else "nothing")
+                    return False
+                predictor = FastPredictor(fitted)
                 loaded = Loaded(version, alias, fallback, predictor)
                 self.current = loaded  # one reference assignment: readers see old or new, never half
                 self.last_error = self.problem = None
@@ -111,7 +125,8 @@ class ModelHolder:
         return f"{held.version} (fallback: production)" if held.fallback else held.version
 
     def wake(self) -> None:
-        """Ask the watcher to check the registry now."""
+        """Ask the watcher to check the registry now, refused versions included."""
+        self._refused = {}
         self._wake.set()
 
     def start_watcher(self) -> threading.Thread:

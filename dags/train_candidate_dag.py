@@ -6,7 +6,7 @@ import datetime
 
 import pendulum
 
-from airflow.sdk import dag, task
+from airflow.sdk import Param, dag, task
 
 
 @dag(
@@ -16,6 +16,8 @@ from airflow.sdk import dag, task
     catchup=False,
     max_active_runs=1,
     tags=["abfleet"],
+    params={"force": Param(False, type="boolean",
+                           description="replace @candidate even when its experiment is younger than the minimum run")},
     default_args={"retries": 0, "execution_timeout": datetime.timedelta(hours=1)},
 )
 def train_candidate():
@@ -26,16 +28,20 @@ def train_candidate():
     `trigger_dag_id="train_candidate"`, optionally `conf={"reason": "..."}`).
     `train` fits a model on the newest dataset in the object store, compares it offline
     with production, registers it, and sets @candidate only when it is not worse by more
-    than the configured margin. `report` says what happened and why.
+    than the configured margin. A running experiment younger than its minimum run keeps its
+    candidate (the new version is registered and tagged `candidate_deferred`) unless the run
+    is triggered with `{"force": true}`; so a drift-triggered retrain never resets a young
+    experiment. `report` says what happened and why.
     """
 
     @task
-    def train() -> dict:
+    def train(params=None) -> dict:
         """`abfleet.train.train_candidate`: the registered version and whether it became @candidate."""
         from abfleet import train as training
         from abfleet.settings import Settings
 
-        return training.train_candidate(Settings.from_env(), progress=print)
+        force = bool((params or {}).get("force"))
+        return training.train_candidate(Settings.from_env(), force=force, progress=print)
 
     @task
     def report(result: dict, dag_run=None) -> dict:
