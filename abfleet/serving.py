@@ -5,7 +5,8 @@ A server of variant V serves `models:/<name>@V`; the candidate server falls back
 alias every `reload_interval` seconds (or at once on `refresh()`) and swaps the model in
 memory: requests in flight keep the object they already took, so none fails. A version
 whose artifact is refused (`registry.ArtifactRefused`: not skops, checksum mismatch) is
-never swapped in: the server keeps what it holds and says why in `last_error`.
+never swapped in: the server keeps what it holds and says why in `problem` (public) and
+`last_error` (the log's detail).
 
 `Predictions.answer` is the one place a predict request is validated, scored and recorded:
 the server's lean WSGI path and its Flask view both call it with the raw body.
@@ -93,13 +94,13 @@ class ModelHolder:
                     self.last_error = self.problem = None
                     return False
                 if version in self._refused:  # refused already: no download every reload_interval
-                    self.last_error = self._refused[version]
+                    self.last_error = self.problem = self._refused[version]
                     return False
                 try:
                     fitted = registry.load_model(self.settings, version)
                 except registry.ArtifactRefused as refused:
                     self._refused = {version: str(refused)}
-                    self.last_error = str(refused)  # short and public; the detail goes to the log
+                    self.last_error = self.problem = str(refused)  # short and public; the detail goes to the log
                     log.error("%s (%s); still serving %s", refused, refused.detail,
                               f"version {held.version}" if held else "nothing")
                     return False
