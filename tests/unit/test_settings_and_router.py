@@ -139,3 +139,7 @@ def test_limits_trusted_proxies_and_headers_render_and_pass_nginx_t(tmp_path):
     result = subprocess.run([*router.nginx_command(settings, config)[:-2], "-t"], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "real_ip_header" not in router.render(Settings(run_dir=tmp_path)), "no proxy is trusted by default"
+    strict = router.write_config(settings.replace(router_feedback_burst=0, router_predict_burst=0))
+    assert not [line for line in strict.read_text().splitlines() if "limit_req zone=" in line and "burst=" in line]
+    result = subprocess.run([*router.nginx_command(settings, strict)[:-2], "-t"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
