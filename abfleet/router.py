@@ -8,6 +8,7 @@ pipeline are given, so the split the router applies is the one the evaluation ch
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shutil
@@ -17,6 +18,28 @@ from pathlib import Path
 from abfleet.settings import Settings, project_root
 
 COOKIE = "abfleet_uid"
+# api.FEEDBACK and the prefix of api.RELOAD (a test holds them equal): the router image has
+# Python and Jinja2 only, not pydantic, so it cannot import abfleet.api.
+FEEDBACK_PATH = "/api/feedback"
+ADMIN_PREFIX = "/api/admin"
+
+# Limits for traffic generated from one address (the demo, `abfleet load`, the tests): the
+# defaults are for people, and a load generator is many people behind one address.
+ONE_ADDRESS_LIMITS = {"router_predict_rate": 100_000.0, "router_predict_burst": 100_000,
+                      "router_feedback_rate": 100_000.0, "router_feedback_burst": 100_000,
+                      "router_connections_per_address": 4096}
+
+
+def nginx_rate(per_second: float) -> str:
+    """A rate for limit_req_zone: whole requests per second, else per minute (nginx's finest)."""
+    if float(per_second).is_integer():
+        return f"{int(per_second)}r/s"
+    return f"{max(1, round(per_second * 60))}r/m"
+
+
+def retry_after(per_second: float) -> int:
+    """Seconds until a refused client may send one more request (at least 1)."""
+    return max(1, math.ceil(1 / per_second))
 
 
 def parse_weights(text: str) -> int:
@@ -42,6 +65,16 @@ def render(settings: Settings, *, candidate_weight: int | None = None, access_lo
         access_log=access_log,
         max_body_bytes=settings.max_body_bytes,
         cookie=COOKIE,
+        trusted_proxies=settings.trusted_proxies,
+        feedback_path=FEEDBACK_PATH,
+        admin_prefix=ADMIN_PREFIX,
+        predict_rate=nginx_rate(settings.router_predict_rate),
+        predict_burst=settings.router_predict_burst,
+        predict_retry_after=retry_after(settings.router_predict_rate),
+        feedback_rate=nginx_rate(settings.router_feedback_rate),
+        feedback_burst=settings.router_feedback_burst,
+        feedback_retry_after=retry_after(settings.router_feedback_rate),
+        connections_per_address=settings.router_connections_per_address,
         candidate_weight=settings.candidate_weight if candidate_weight is None else candidate_weight,
         production_servers=production_servers or [f"{settings.host}:{settings.production_port}"],
         candidate_servers=candidate_servers or [f"{settings.host}:{settings.candidate_port}"],

@@ -9,6 +9,7 @@ describes the fleet that `abfleet up` starts on loopback. Each field is read fro
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,19 @@ class Settings:
     actual_price_min_lakhs: float = 1.0
     actual_price_max_lakhs: float = 100000.0
     actual_price_max_ratio: float = 20.0
+    # The router's limits per client address (nginx limit_req / limit_conn), for people:
+    # a person asks an estimate every few seconds; 10/s with a burst of 20 leaves room for a
+    # household or office behind one NAT address. The rest of /api/ shares this zone.
+    router_predict_rate: float = 10.0
+    router_predict_burst: int = 20
+    # One rating per estimate: 2/s with a burst of 5 is more than any person clicks.
+    router_feedback_rate: float = 2.0
+    router_feedback_burst: int = 5
+    # Requests in flight at once per address: a browser opens 6 per host; 20 covers a small NAT.
+    router_connections_per_address: int = 20
+    # Comma-separated addresses or CIDRs whose X-Forwarded-For names the client (the load
+    # balancer in front of the router); empty: the router is reached directly.
+    router_trusted_proxies: str = ""
 
     # ---- derived locations -------------------------------------------------
     @property
@@ -185,6 +199,12 @@ class Settings:
             return Path(self.prometheus_multiproc_dir)
         return self.run_dir / "metrics" / self.variant
 
+    @property
+    def trusted_proxies(self) -> list[str]:
+        """router_trusted_proxies as a list of networks (addresses become /32 or /128)."""
+        return [str(ipaddress.ip_network(item.strip(), strict=False))
+                for item in self.router_trusted_proxies.split(",") if item.strip()]
+
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
 
@@ -216,6 +236,17 @@ class Settings:
                              f"{self.actual_price_min_lakhs} and {self.actual_price_max_lakhs}")
         if not 1 <= self.actual_price_max_ratio < float("inf"):
             raise ValueError(f"ABFLEET_ACTUAL_PRICE_MAX_RATIO must be >= 1 and finite, got {self.actual_price_max_ratio}")
+        for name in ("router_predict_rate", "router_feedback_rate"):
+            # nginx counts in requests per minute at the finest: one a minute is the floor.
+            if not getattr(self, name) >= 1 / 60:
+                raise ValueError(f"ABFLEET_{name.upper()} must be at least 1/60 (requests per second), got {getattr(self, name)}")
+        for name, floor in (("router_predict_burst", 0), ("router_feedback_burst", 0), ("router_connections_per_address", 1)):
+            if getattr(self, name) < floor:
+                raise ValueError(f"ABFLEET_{name.upper()} must be at least {floor}, got {getattr(self, name)}")
+        try:
+            _ = self.trusted_proxies
+        except ValueError as exc:
+            raise ValueError(f"ABFLEET_ROUTER_TRUSTED_PROXIES must be comma-separated addresses or CIDRs: {exc}") from None
 
     def env(self) -> dict[str, str]:
         """These settings as environment variables, for child processes."""

@@ -75,6 +75,7 @@ compute = Compute("compute", ComputeArgs(
     name=name, region=region, tags=tags,
     vpc_id=network.vpc_id,
     public_subnet_ids=network.public_subnet_ids, private_subnet_ids=network.private_subnet_ids,
+    trusted_proxy_cidrs=network.public_subnet_cidrs,
     alb_security_group_id=network.alb_sg.id, router_security_group_id=network.router_sg.id,
     model_security_group_id=network.model_sg.id, mlflow_security_group_id=network.mlflow_sg.id,
     repository_urls=images.repository_urls, image_tag=config.require("imageTag"),

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
 
-from abfleet import api, procs
+from abfleet import api, procs, router
 from abfleet.procs import free_port
 from abfleet.settings import Settings
 
-__all__ = ["ROOT", "OUTPUT_DIR", "free_port", "wait_for", "fleet_settings", "start_model_server", "health"]
+__all__ = ["ROOT", "OUTPUT_DIR", "free_port", "wait_for", "fleet_settings", "start_model_server", "health", "answering"]
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_DIR = ROOT / "test-output"
@@ -31,7 +36,8 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25, what: str
 def fleet_settings(run_dir: Path, **overrides) -> Settings:
     ports = {name: free_port() for name in
              ("router_port", "production_port", "candidate_port", "mlflow_port", "prometheus_port", "airflow_port")}
-    defaults = {"reload_interval": 2.0, "admin_token": "test-token"}
+    # The tests drive many users' traffic from one address: the router's limits are for people.
+    defaults = {"reload_interval": 2.0, "admin_token": "test-token", **router.ONE_ADDRESS_LIMITS}
     return Settings(run_dir=run_dir, **{**defaults, **ports, **overrides})
 
 
@@ -55,3 +61,42 @@ def health(url: str) -> dict:
         return requests.get(f"{url}{api.HEALTH}", timeout=3).json()
     except (requests.RequestException, ValueError):
         return {}
+
+
+@contextlib.contextmanager
+def answering(status: int, body: dict | None = None) -> Iterator[tuple[str, list[dict]]]:
+    """A loopback HTTP server answering every GET and POST with `status` (and `body` as JSON),
+    keeping connections alive as nginx expects; yields its URL and the requests it got
+    ({"method", "path", "authorization", "x_forwarded_for", "json"}) in order."""
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def answer(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            sent = self.rfile.read(length) if length else b""
+            seen.append({"method": self.command, "path": self.path, "authorization": self.headers.get("Authorization"),
+                         "x_forwarded_for": self.headers.get("X-Forwarded-For"),
+                         "json": json.loads(sent) if sent else None})
+            payload = json.dumps(body).encode() if body is not None else b""
+            self.send_response(status)
+            if payload:
+                self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_POST = answer  # http.server's names
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", seen
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -84,6 +84,9 @@ class ComputeArgs:
     # its config from it at start) and the model servers (the production one exports it).
     candidate_weight: int = 20
     certificate_arn: Optional[str] = None
+    # Where the ALB's requests come from (its subnets' CIDRs): the router takes the client's
+    # address from X-Forwarded-For only from these, so each person is limited on their own.
+    trusted_proxy_cidrs: Sequence[str] = ()
     production: ServiceSize = field(default_factory=ServiceSize)
     candidate: ServiceSize = field(default_factory=lambda: ServiceSize(desired_count=1, min_count=1, max_count=3))
     router: ServiceSize = field(default_factory=lambda: ServiceSize(cpu=256, memory=512, desired_count=2, min_count=2, max_count=2))
@@ -282,6 +285,7 @@ class Compute(pulumi.ComponentResource):
             "environment": [
                 {"name": "ABFLEET_CANDIDATE_WEIGHT", "value": str(args.candidate_weight)},
                 {"name": "ABFLEET_ROUTER_PORT", "value": str(args.router_port)},
+                {"name": "ABFLEET_ROUTER_TRUSTED_PROXIES", "value": ",".join(args.trusted_proxy_cidrs)},
             ],
             "healthCheck": {"command": ["CMD", "wget", "-q", "-O", "/dev/null",
                                         f"http://127.0.0.1:{args.router_port}/router/health"],

@@ -142,6 +142,8 @@ class Network(pulumi.ComponentResource):
         self.vpc_id = self.vpc.id
         self.public_subnet_ids = [s.id for s in self.public_subnets]
         self.private_subnet_ids = [s.id for s in self.private_subnets]
+        # The ALB's nodes live here: the router trusts X-Forwarded-For from these ranges only.
+        self.public_subnet_cidrs = list(args.public_subnet_cidrs)
         self.register_outputs({
             "vpc_id": self.vpc_id,
             "public_subnet_ids": self.public_subnet_ids,

@@ -393,3 +393,14 @@ def test_provider_sets_default_tags(program):
         default_tags = json.loads(default_tags)
     assert default_tags["tags"]["project"] == "abfleet"
     assert default_tags["tags"]["owner"] == "platform-team"  # from abfleet:tags
+
+
+def test_the_router_trusts_x_forwarded_for_only_from_the_alb_subnets(program):
+    subnets = {r.inputs["cidrBlock"] for r in of_type(program, "aws:ec2/subnet:Subnet")
+               if r.inputs["tags"].get("tier") == "public"}
+    [router] = [td for td in of_type(program, "aws:ecs/taskDefinition:TaskDefinition")
+                if td.inputs["family"].endswith("-router")]
+    [container] = json.loads(router.inputs["containerDefinitions"])
+    env = {e["name"]: e["value"] for e in container["environment"]}
+    trusted = set(env["ABFLEET_ROUTER_TRUSTED_PROXIES"].split(","))
+    assert subnets and trusted == subnets, (trusted, subnets)

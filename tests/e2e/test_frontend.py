@@ -53,11 +53,13 @@ def base(fleet) -> str:
 
 
 def open_page(context, url: str):
-    """New page at `url`, waiting for the location list; returns (page, page_errors, api_responses)."""
+    """New page at `url`, waiting for the location list; returns (page, page_errors, api_responses).
+    A script, style or request the router's Content-Security-Policy blocks counts as a page error."""
     page = context.new_page()
     errors: list[str] = []
     api: list = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
     page.on("response", lambda r: api.append(r) if "/api/" in r.url else None)
     with page.expect_response(lambda r: r.url.endswith(LOCATIONS)) as info:
         page.goto(url + "/")
@@ -239,6 +241,8 @@ def test_reload_keeps_variant_and_new_person_gets_cookie(fleet, browser):
         page, errors, api = open_page(ctx1, url)
         cookies1 = {c["name"]: c["value"] for c in ctx1.cookies(url)}
         assert cookies1, "the router set no cookie on first visit"
+        [uid] = [c for c in ctx1.cookies(url) if c["name"] == "abfleet_uid"]
+        assert uid["httpOnly"] and uid["sameSite"] == "Lax", uid
         variants = []
         for i in range(3):
             if i:

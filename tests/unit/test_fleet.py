@@ -3,17 +3,11 @@ sources, the servers' reload and the webhook."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Iterator
-
 from abfleet import fleet
 from abfleet.metrics import DECISIONS, ROUTER_CANDIDATE_WEIGHT, FleetStateCollector
 from abfleet.settings import Settings
 from abfleet.store import open_store
-from tests.helpers import free_port
+from tests.helpers import answering, free_port
 
 
 def test_the_weight_is_the_stores_row_else_the_settings(tmp_path):
@@ -54,38 +48,6 @@ def test_the_production_server_exports_the_recorded_weight_else_the_configured_o
     (tmp_path / "fresh").mkdir()
     with open_store(Settings(run_dir=tmp_path / "fresh")) as store:
         assert ROUTER_CANDIDATE_WEIGHT not in {f.name for f in FleetStateCollector(store).collect()}
-
-
-@contextlib.contextmanager
-def answering(status: int, body: dict | None = None) -> Iterator[tuple[str, list[dict]]]:
-    """A loopback HTTP server answering every POST with `status` (and `body` as JSON); yields
-    its URL and the requests it got ({"path", "authorization", "json"}) in order."""
-    seen: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's name
-            length = int(self.headers.get("Content-Length") or 0)
-            sent = self.rfile.read(length) if length else b""
-            seen.append({"path": self.path, "authorization": self.headers.get("Authorization"),
-                         "json": json.loads(sent) if sent else None})
-            payload = json.dumps(body).encode() if body is not None else b""
-            self.send_response(status)
-            if payload:
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_webhook_receives_the_decision_and_a_dead_one_is_not_fatal():

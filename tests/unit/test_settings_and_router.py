@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from abfleet import router
+from abfleet import api, router
 from abfleet.settings import Settings, process_environ
 
 
@@ -85,3 +86,60 @@ def test_the_router_container_renders_its_weight_from_the_environment_at_start(t
     assert result.returncode == 0, result.stderr
     block = (tmp_path / "nginx.conf").read_text().split("$abfleet_variant {")[1].split("}")[0]
     assert "35% candidate;" in block
+
+
+def test_router_limits_are_settings_with_human_defaults():
+    s = Settings.from_env({"ABFLEET_ROUTER_FEEDBACK_RATE": "0.5", "ABFLEET_ROUTER_TRUSTED_PROXIES": "10.40.0.0/20, 10.40.16.7"})
+    assert s.router_feedback_rate == 0.5 and s.trusted_proxies == ["10.40.0.0/20", "10.40.16.7/32"]
+    d = Settings()
+    assert d.router_feedback_rate < d.router_predict_rate and d.router_feedback_burst < d.router_predict_burst
+    assert d.trusted_proxies == [], "nobody is trusted to name the client unless configured"
+    assert set(router.ONE_ADDRESS_LIMITS) <= {f.name for f in dataclasses.fields(Settings)}
+    assert Settings(**router.ONE_ADDRESS_LIMITS).router_predict_rate > 100 * d.router_predict_rate
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"ABFLEET_ROUTER_TRUSTED_PROXIES": "10.0.0.0/8; include /etc/passwd"}, "ABFLEET_ROUTER_TRUSTED_PROXIES"),
+    ({"ABFLEET_ROUTER_TRUSTED_PROXIES": "alb.example.com"}, "ABFLEET_ROUTER_TRUSTED_PROXIES"),
+    ({"ABFLEET_ROUTER_PREDICT_RATE": "0"}, "ABFLEET_ROUTER_PREDICT_RATE"),
+    ({"ABFLEET_ROUTER_FEEDBACK_BURST": "-1"}, "ABFLEET_ROUTER_FEEDBACK_BURST"),
+    ({"ABFLEET_ROUTER_CONNECTIONS_PER_ADDRESS": "0"}, "ABFLEET_ROUTER_CONNECTIONS_PER_ADDRESS"),
+])
+def test_bad_router_limits_say_which_variable(env, message):
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env(env)
+
+
+@pytest.mark.parametrize("per_second,text,retry", [(10, "10r/s", 1), (2.0, "2r/s", 1), (0.5, "30r/m", 2), (1 / 60, "1r/m", 60)])
+def test_nginx_rates_and_retry_after(per_second, text, retry):
+    assert router.nginx_rate(per_second) == text and router.retry_after(per_second) == retry
+
+
+def test_the_router_knows_the_api_paths_it_limits_and_hides():
+    assert router.FEEDBACK_PATH == api.FEEDBACK
+    assert api.RELOAD.startswith(router.ADMIN_PREFIX + "/")
+    public = [api.PREDICT, api.FEEDBACK, api.HEALTH, api.LOCATIONS, api.DRIFT_REPORT, api.PING]
+    assert not [p for p in public if p.startswith(router.ADMIN_PREFIX)]
+
+
+def test_limits_trusted_proxies_and_headers_render_and_pass_nginx_t(tmp_path):
+    if router.nginx_binary() is None:
+        pytest.skip("nginx is NOT installed: `apt-get install -y nginx` (make test does it as root)")
+    settings = Settings(run_dir=tmp_path, router_predict_rate=2.5, router_feedback_rate=0.5,
+                        router_trusted_proxies="10.40.0.0/20,10.40.16.0/20,fd00::/8")
+    config = router.write_config(settings)
+    text = config.read_text()
+    assert "rate=150r/m" in text and "rate=30r/m" in text and "set_real_ip_from fd00::/8;" in text
+    assert "real_ip_recursive on;" in text and "limit_req_status 429;" in text
+    assert "return 404" in text.split(f"location ^~ {router.ADMIN_PREFIX} {{")[1].split("}")[0]
+    # Each location that adds headers repeats the common ones (nginx drops inherited add_header).
+    for block in text.split("location ")[1:]:
+        if "add_header" in block.split("}")[0]:
+            assert "X-Content-Type-Options" in block.split("}")[0], block[:80]
+    result = subprocess.run([*router.nginx_command(settings, config)[:-2], "-t"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "real_ip_header" not in router.render(Settings(run_dir=tmp_path)), "no proxy is trusted by default"
+    strict = router.write_config(settings.replace(router_feedback_burst=0, router_predict_burst=0))
+    assert not [line for line in strict.read_text().splitlines() if "limit_req zone=" in line and "burst=" in line]
+    result = subprocess.run([*router.nginx_command(settings, strict)[:-2], "-t"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
