@@ -1,11 +1,9 @@
 """The prediction spool: answered predictions on their way to the database.
 
-A model server appends each answered prediction as one JSON line to its own memory-mapped
-spool file before the answer leaves (`PredictionSpool.append`); a background thread inserts
-the spooled lines in batches through an `insert(lines, values)` callable the store hands it.
-Readers of the database make answered-but-not-yet-inserted predictions visible through a
-`SpoolReader` over the same folder, so an answered prediction is never missing from what the
-store says, and never lost when a process dies.
+A server appends each answered prediction as a JSON line to its own memory-mapped spool file
+before answering (`PredictionSpool.append`); a thread inserts the lines in batches through the
+`insert(lines, values)` callable the store hands it. Readers see answered-but-not-inserted
+predictions through a `SpoolReader` over the same folder: none is missing, none is lost.
 
 Promises every part keeps:
 - a line leaves a spool file only after the INSERT holding it committed;
@@ -13,8 +11,7 @@ Promises every part keeps:
   and may be replayed (inserted, then removed) by anyone;
 - a line starts with the prediction's id (`{"id": "<id>", ...`), so a lookup needs no parse.
 
-This module knows nothing of the database's tables: the store gives it the insert callable
-and the column order of the value tuples it wants.
+It knows nothing of the tables: the store gives it the insert callable and the column order.
 """
 
 from __future__ import annotations
