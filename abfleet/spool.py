@@ -268,15 +268,13 @@ class _Segment:
 class PredictionSpool:
     """Answered predictions on their way to the database.
 
-    `append` copies the row as one JSON line into this process's memory-mapped spool file
-    (plus an msync when `fsync`) before the caller answers. A background thread wakes on the
-    first row after a quiet spell, lets `linger` seconds of rows gather, and hands what is
-    pending to `insert` in one call per batch (the lines, and their values in `columns`
-    order), then empties the file when nothing new came in meanwhile. A full file
-    (`capacity` bytes) is replaced by a new one, and removed once its rows are inserted. The
-    file is flock-ed while this process lives; a file nobody holds was left by a dead process
-    and is replayed at start, every `rescan_interval` seconds, and by readers
-    (`SpoolReader.settle`).
+    `append` copies the row as one JSON line into this process's mapped spool file (plus an
+    msync when `fsync`) before the caller answers. A thread wakes on the first row after a
+    quiet spell, lets `linger` seconds of rows gather, hands the batch to `insert` (lines, and
+    values in `columns` order), then empties the file if nothing new came in. A full file
+    (`capacity` bytes) is replaced, and removed once its rows are inserted. The file is
+    flock-ed while this process lives; one nobody holds was left by a dead process and is
+    replayed at start, every `rescan_interval` seconds, and by `SpoolReader.settle`.
 
     Durability: a row is in the database or in a spool file from the moment `append` returns.
     Without fsync that survives the process being killed (the kernel holds the page); with
