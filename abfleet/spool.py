@@ -331,7 +331,6 @@ class PredictionSpool:
         with self._lock:
             return prediction_id in self._pending_ids
 
-    # ---- writing ---------------------------------------------------------------
     def append(self, row: dict) -> None:
         """Make one prediction durable; raises when it could not be (then do not answer)."""
         created = row.get("created_at") or dt.datetime.now(dt.timezone.utc)
@@ -360,7 +359,6 @@ class PredictionSpool:
                 self._idle = False
                 self._wake.notify()
 
-    # ---- moving rows to the database -------------------------------------------
     def flush(self) -> int:
         """Insert everything appended so far; return how many rows. Raises on a database error
         (the rows stay spooled and pending)."""
