@@ -7,17 +7,18 @@ import json
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
 
-from abfleet import api, procs, router
+from abfleet import api, data, procs, router
 from abfleet.procs import free_port
 from abfleet.settings import Settings
 
-__all__ = ["ROOT", "OUTPUT_DIR", "free_port", "wait_for", "fleet_settings", "start_model_server", "health", "answering"]
+__all__ = ["ROOT", "OUTPUT_DIR", "free_port", "wait_for", "fleet_settings", "start_model_server", "health", "answering", "Load"]
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_DIR = ROOT / "test-output"
@@ -100,3 +101,45 @@ def answering(status: int, body: dict | None = None) -> Iterator[tuple[str, list
     finally:
         server.shutdown()
         server.server_close()
+
+
+class Load:
+    """Continuous predictions through the router (`router_url`) on a thread, a new user each
+    time; counts every failure, and which (variant, model version) answered."""
+
+    def __init__(self, router_url: str, rows: list[dict]):
+        self.url = f"{router_url}{api.PREDICT}"
+        self.rows = rows
+        self.stop = threading.Event()
+        self.sent = self.failed = 0
+        self.failures: list[str] = []
+        self.versions: set[tuple[str, str]] = set()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        session = requests.Session()
+        while not self.stop.is_set():
+            try:
+                # Realistic, varied flats: one repeated input would make the arms' inputs
+                # look different to the arms check by chance.
+                row = self.rows[self.sent % len(self.rows)]
+                r = session.post(self.url, json={k: row[k] for k in data.FEATURES},
+                                 # A new user each time, like real traffic: a few heavy users
+                                 # would skew the split and trip the SRM check.
+                                 headers={"X-User-Id": f"load-{uuid.uuid4().hex[:12]}"}, timeout=20)
+                self.versions.add((r.headers.get("X-Variant"), r.json().get("model_version")))
+                ok = r.status_code == 200
+            except Exception as exc:  # noqa: BLE001 - any failure counts
+                ok, r = False, exc
+            self.sent += 1
+            if not ok:
+                self.failed += 1
+                self.failures.append(str(getattr(r, "text", r))[:200])
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(30)

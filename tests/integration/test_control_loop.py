@@ -4,7 +4,6 @@ true price of held-out rows, so a better model really earns better ratings."""
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,7 @@ import requests
 
 from abfleet import data, procs, registry, stack
 from abfleet.api import PREDICT, acceptable_rows
-from tests.helpers import fleet_settings, wait_for
+from tests.helpers import Load, fleet_settings, wait_for
 
 pytestmark = pytest.mark.slow
 POLICY_ENV = {"ABFLEET_DECISION_MIN_RUNTIME_HOURS": "0"}  # the test cannot wait a day
@@ -72,11 +71,15 @@ def _router(settings) -> str:
 
 
 def wait_primed(settings, versions: dict) -> None:
-    """Prometheus has scraped each arm's series at zero: increase() then counts every event.
-    (A real experiment runs for hours; here all traffic fits between two scrapes.)"""
+    """Prometheus has scraped each arm's series at zero since this call: the counts since the
+    start then hold every event. (A real experiment runs for hours; here all traffic fits
+    between a few scrapes. A Prometheus restarted moments ago still answers with the samples
+    from before it stopped; traffic sent before its first new scrape would fall in the gap
+    around the experiment's start, which is read between the samples on either side of it.)"""
+    asked = time.time()
     for variant, version in versions.items():
-        expr = f'count(abfleet_ratings_total{{variant="{variant}",model_version="{version}"}})'
-        wait_for(lambda: prometheus_has(settings, expr, 5), 60, 1.0, what=f"Prometheus to see {variant} v{version}")
+        expr = f'min(timestamp(abfleet_ratings_total{{variant="{variant}",model_version="{version}"}}))'
+        wait_for(lambda: prometheus_has(settings, expr, asked), 60, 1.0, what=f"Prometheus to scrape {variant} v{version}")
 
 
 def simulate_users(settings, rows: list[dict], count: int, actual_share: float = 0.3) -> dict:
@@ -134,47 +137,6 @@ def latest_decision(settings) -> dict:
     return Store(settings.db_url).decision_history(limit=1)[0]
 
 
-class Load:
-    """Continuous traffic through the router on a thread; counts every failure."""
-
-    def __init__(self, settings, rows: list[dict]):
-        self.url = f"{_router(settings)}{PREDICT}"
-        self.rows = rows
-        self.stop = threading.Event()
-        self.sent = self.failed = 0
-        self.failures: list[str] = []
-        self.versions: set[tuple[str, str]] = set()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        session = requests.Session()
-        while not self.stop.is_set():
-            try:
-                # Realistic, varied flats: one repeated input would make the arms' inputs
-                # look different to the arms check by chance.
-                row = self.rows[self.sent % len(self.rows)]
-                r = session.post(self.url, json={k: row[k] for k in data.FEATURES},
-                                 # A new user each time, like real traffic: a few heavy users
-                                 # would skew the request split and trip the SRM check.
-                                 headers={"X-User-Id": f"load-{uuid.uuid4().hex[:12]}"}, timeout=20)
-                self.versions.add((r.headers.get("X-Variant"), r.json().get("model_version")))
-                ok = r.status_code == 200
-            except Exception as exc:  # noqa: BLE001 - any failure counts
-                ok, r = False, exc
-            self.sent += 1
-            if not ok:
-                self.failed += 1
-                self.failures.append(str(getattr(r, "text", r))[:200])
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(30)
-
-
 def test_with_prometheus_stopped_the_evaluation_continues_and_changes_nothing(loop):
     from abfleet import evaluation
 
@@ -189,6 +151,7 @@ def test_with_prometheus_stopped_the_evaluation_continues_and_changes_nothing(lo
         assert latest_decision(settings)["decision"] == "continue"
     finally:
         stack.up(settings, say=lambda _m: None)
+        wait_primed(settings, versions)  # the next test's traffic comes after the gap, not in it
 
 
 def test_duplicate_rating_409_unknown_404_and_no_counter_moves(loop):
@@ -225,7 +188,7 @@ def test_a_better_candidate_is_promoted_by_the_dag_and_swapped_in_without_a_fail
     stored = Store(settings.db_url).predictions_since(evaluation.experiment_start(settings, versions["candidate"]))
     assert {v: stats[v]["requests"] for v in stats} == {v: sum(r["variant"] == v for r in stored) for v in stats}
     pids = {v: stack.running_pid(settings, next(s for s in stack.services(settings) if s.name == v)) for v in ("production", "candidate")}
-    with Load(settings, rows[::-1]) as load:
+    with Load(_router(settings), rows[::-1]) as load:
         run_evaluation_dag(settings, folder)
         decision = latest_decision(settings)
         assert decision["decision"] == "promote", (decision["reasons"], decision["details"]["arms"])
