@@ -149,7 +149,11 @@ def cmd_decide(args: argparse.Namespace, settings: Settings) -> int:
 def _decision_text(outcome: dict) -> str:
     lines = [f"decision: {outcome['decision']}"] + [f"  - {r}" for r in outcome.get("reasons", [])]
     for name, check in (outcome.get("checks") or {}).items():
-        status = check.get("status", check.get("passed", ""))
+        if name == "people":  # who the comparison counted: users, and their events
+            status = "; ".join(f"{arm} {c['rating_users']} users rated {c['ratings']} estimates, "
+                               f"{c['price_users']} reported {c['actual_prices']} prices" for arm, c in check.items())
+        else:
+            status = check.get("status", check.get("passed", ""))
         lines.append(f"  {name:<12} {status}")
     return "\n".join(lines)
 

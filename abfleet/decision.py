@@ -5,6 +5,7 @@ receiving traffic (see the README contract) and returns a JSON-serialisable dict
 `{"decision", "reasons", "checks", "score", "flags"}`. No I/O happens here.
 
 Precedence (the first rule that fires wins):
+  0. The candidate could not be reached for max_unreachable_minutes -> rollback.
   1. `window_hours` or request counts missing, or requests < min_requests in an arm -> continue.
   2. Guardrails (error rate, p95 latency) fail -> rollback. They run before the SRM and
      rating checks on purpose: rolling back is the safe direction, and a broken candidate
@@ -20,6 +21,15 @@ Precedence (the first rule that fires wins):
   8. Otherwise continue.
 Missing data never promotes: any missing field needed for a promotion yields continue with
 a reason naming it; evidence that is present may still roll back.
+
+People, not events: when the arms carry `people` (each arm's users, and per measure the
+users, events, sum and sum of squares of each user's mean; see `abfleet.aggregates`), the
+ratings and APE are compared over users' means, `min_ratings` counts users, and the SRM
+check tests the users split (users are what the router assigns). A user who rates a hundred
+estimates weighs as one. Without `people` the histograms are used as they are (the
+textbook case, and `abfleet decide --stats` files written before). `failovers` of an arm
+are its requests the router had to serve from the other arm: they count as its requests
+and its errors, not the other arm's.
 
 Primary test: the normal-mixture mSPRT of Johari et al. ("Always valid inference") on the
 difference in means, mixing prior N(0, (msprt_tau * pooled sd)^2). Its confidence sequence
@@ -62,6 +72,8 @@ class DecisionPolicy:
     # Latency guardrail: rollback if cand p95 > prod p95 * ratio AND exceeds it by the increase.
     max_p95_latency_ratio: float = 1.5
     min_p95_latency_increase_ms: float = 20.0
+    # Reachability guardrail: rollback when the candidate has not answered a scrape this long.
+    max_unreachable_minutes: float = 10.0
     alpha: float = 0.05  # two-sided, always valid: P(ever "better"/"worse" | no effect) <= alpha
     msprt_tau: float = 0.25  # mixing-prior sd of the effect, in pooled standard deviations
     ape_alpha_share: float = 0.5
@@ -143,6 +155,39 @@ def _moments_ape(a: Any) -> tuple[float, float, float] | None:
     return _moments(n, s or 0.0, ss or 0.0)
 
 
+def _moments_people(people: Any, measure: str) -> tuple[float, float, float] | None:
+    """(users, mean of the users' means, their sample variance) of one measure of `people`."""
+    block = people.get(measure) if isinstance(people, Mapping) else None
+    if not isinstance(block, Mapping):
+        return None
+    n, s, ss = _num(block.get("users")), _num(block.get("sum")), _num(block.get("sum_sq"))
+    if n is None or (n > 0 and (s is None or ss is None)):
+        return None
+    return _moments(n, s or 0.0, ss or 0.0)
+
+
+def _people_audit(people: Mapping[str, Any]) -> dict[str, Any]:
+    """Users and events per arm, as the audit shows them."""
+    def count(arm: str, measure: str, key: str):
+        block = people[arm].get(measure) if isinstance(people[arm], Mapping) else None
+        return _num(block.get(key)) if isinstance(block, Mapping) else None
+
+    return {a: {"users": _num(people[a].get("users")) if isinstance(people[a], Mapping) else None,
+                "rating_users": count(a, "ratings", "users"), "ratings": count(a, "ratings", "count"),
+                "price_users": count(a, "ape", "users"), "actual_prices": count(a, "ape", "count")}
+            for a in ARMS}
+
+
+def _rerouted(req: dict, err: dict, failovers: dict) -> tuple[dict, dict]:
+    """Requests and errors with each arm's failovers moved back to it (intent to treat)."""
+    if any(req[a] is None for a in ARMS):
+        return req, err
+    f = {a: min(failovers[a] or 0, req[ARMS[1 - i]]) for i, a in enumerate(ARMS)}
+    req = {a: req[a] + f[a] - f[ARMS[1 - i]] for i, a in enumerate(ARMS)}
+    err = {a: None if err[a] is None else err[a] + f[a] for a in ARMS}
+    return req, err
+
+
 def msprt(diff: float, var: float, pooled_var: float, alpha: float, tau: float) -> dict[str, Any]:
     """Normal-mixture mSPRT for H0: difference = 0.
 
@@ -177,6 +222,8 @@ def _srm(req: dict, weights: Any, p: DecisionPolicy) -> dict:
     if None in w or sum(w) <= 0 or min(w) <= 0:
         return {"status": "missing", "weights": None}
     total = req["production"] + req["candidate"]
+    if total <= 0:
+        return {"status": "missing", "weights": dict(zip(ARMS, w))}
     expected = [total * x / sum(w) for x in w]
     chi2 = sum((req[a] - e) ** 2 / e for a, e in zip(ARMS, expected))
     p_value = math.erfc(math.sqrt(chi2 / 2.0))  # chi-square survival function with 1 dof
@@ -243,11 +290,19 @@ def decide(stats: Mapping[str, Any], policy: DecisionPolicy | None = None) -> di
     raw_v = st.get("variants") if isinstance(st.get("variants"), Mapping) else {}
     arms = {a: raw_v.get(a) if isinstance(raw_v.get(a), Mapping) else {} for a in ARMS}
     window = _num(st.get("window_hours"))
-    req = {a: _num(arms[a].get("requests")) for a in ARMS}
-    err = {a: _num(arms[a].get("errors")) for a in ARMS}
+    req, err = _rerouted({a: _num(arms[a].get("requests")) for a in ARMS},
+                         {a: _num(arms[a].get("errors")) for a in ARMS},
+                         {a: _num(arms[a].get("failovers")) for a in ARMS})
     p95 = {a: _num(arms[a].get("latency_p95_ms")) for a in ARMS}
-    rat = {a: _moments_ratings(arms[a].get("ratings")) for a in ARMS}
-    ape = {a: _moments_ape(arms[a].get("ape")) for a in ARMS}
+    by_people = any("people" in arms[a] for a in ARMS)
+    people = {a: arms[a].get("people") for a in ARMS}
+    if by_people:
+        rat = {a: _moments_people(people[a], "ratings") for a in ARMS}
+        ape = {a: _moments_people(people[a], "ape") for a in ARMS}
+    else:
+        rat = {a: _moments_ratings(arms[a].get("ratings")) for a in ARMS}
+        ape = {a: _moments_ape(arms[a].get("ape")) for a in ARMS}
+    unreachable = _num(arms["candidate"].get("unreachable_minutes"))
     missing = ([] if window is not None else ["window_hours"]) + [
         f"{a}.{k}" for a in ARMS for k, v in (("requests", req[a]), ("errors", err[a]),
         ("latency_p95_ms", p95[a]), ("ratings", rat[a]), ("ape", ape[a])) if v is None]
@@ -269,7 +324,17 @@ def decide(stats: Mapping[str, Any], policy: DecisionPolicy | None = None) -> di
 
     n_rat = {a: (rat[a][0] if rat[a] else None) for a in ARMS}
     checks["min_samples"] = {"requests": req, "ratings": n_rat, "min_requests": p.min_requests,
-                             "min_ratings": p.min_ratings}
+                             "min_ratings": p.min_ratings, "unit": "users" if by_people else "ratings"}
+    if by_people:
+        checks["people"] = _people_audit(people)
+    checks["reachability"] = {"status": "missing" if unreachable is None else
+                              "fail" if unreachable >= p.max_unreachable_minutes else "pass",
+                              "unreachable_minutes": unreachable,
+                              "max_unreachable_minutes": p.max_unreachable_minutes}
+    # Rule 0: a candidate nobody can reach is failing every user it was meant to serve.
+    if checks["reachability"]["status"] == "fail":
+        return finish(ROLLBACK, f"guardrail failed: candidate unreachable for {unreachable:.1f} min "
+                                f"(limit {p.max_unreachable_minutes:g} min)")
     checks["runtime"] = {"window_hours": window, "min_runtime_hours": p.min_runtime_hours,
                          "max_runtime_hours": p.max_runtime_hours,
                          "status": "missing" if window is None else
@@ -286,7 +351,11 @@ def decide(stats: Mapping[str, Any], policy: DecisionPolicy | None = None) -> di
     # Rule 2: guardrails on the request-level metrics.
     checks["error_rate"] = _error_guardrail(req, err, p)
     checks["latency_p95"] = _latency_guardrail(p95, p)
-    checks["srm"] = _srm(req, st.get("weights"), p)
+    split = {a: _num(people[a].get("users")) if isinstance(people[a], Mapping) else None
+             for a in ARMS} if by_people else req
+    checks["srm"] = (_srm(split, st.get("weights"), p) if None not in split.values()
+                     else {"status": "missing", "weights": None})
+    checks["srm"]["unit"] = "users" if by_people else "requests"
     if checks["srm"]["status"] == "missing":
         missing.append("weights")
     few = [a for a in ARMS if n_rat[a] is None or n_rat[a] < p.min_ratings]

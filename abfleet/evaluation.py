@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from abfleet import fleet, prometheus, registry
+from abfleet import aggregates, fleet, prometheus, registry
 from abfleet.decision import CONTINUE, PROMOTE, ROLLBACK, DecisionPolicy, decide
 from abfleet.settings import VARIANTS, Settings, decision_policy
 from abfleet.store import open_store
@@ -47,13 +47,25 @@ def collect(settings: Settings, now: dt.datetime | None = None) -> dict:
     seconds = max(1, int((now - since).total_seconds()))
     stats: dict[str, Any] = {"window_hours": round(seconds / 3600.0, 4),
                              "weights": fleet.weights(fleet.candidate_weight(settings)), "variants": {}}
+    arms = {v: versions[v] for v in VARIANTS}
+    # Look back far enough to see the whole unreachable stretch the policy allows, and more.
+    reach_s = max(600.0, 2 * 60 * decision_policy().max_unreachable_minutes)
     try:
-        stats["variants"] = prometheus.arm_stats(settings.prometheus_api, {v: versions[v] for v in VARIANTS},
-                                                 since.timestamp(), f"{seconds}s", now.timestamp())
+        stats["variants"] = prometheus.arm_stats(settings.prometheus_api, arms, since.timestamp(),
+                                                 f"{seconds}s", now.timestamp(), reach_s)
     except prometheus.PrometheusError as exc:
         # No numbers: the decision sees missing data, which never promotes.
         out["problems"].append(str(exc))
         stats["variants"] = {v: {"model_version": versions[v]} for v in VARIANTS}
+    # Users, and each user's mean rating and APE, from the store: the comparison counts people.
+    try:
+        with open_store(settings, create_schema=False) as store:
+            people = aggregates.people(store, since, arms)
+    except Exception as exc:  # store down: `people` unknown, which never promotes nor rolls back
+        out["problems"].append(f"store unreachable, users not counted: {type(exc).__name__}")
+        people = {v: None for v in VARIANTS}
+    for v in VARIANTS:
+        stats["variants"][v]["people"] = people[v]
     out["stats"] = stats
     out["arms"] = arms_check(settings, since)
     if out["arms"].get("drift_detected"):
