@@ -18,6 +18,9 @@ APE_SUM = "abfleet_ape_sum_total"
 APE_SUM_SQ = "abfleet_ape_sum_squares_total"
 MODEL_INFO = "abfleet_model_info"  # gauge 1; labels: variant, model_version, alias, fallback
 MODEL_SWAPS = "abfleet_model_swaps_total"  # labels: variant
+# Requests the router meant for `intended` but had to serve from this server (`variant`):
+# the intended server refused the connection or timed out. Counted by the server that answered.
+FAILOVERS = "abfleet_failover_requests_total"  # labels: intended, variant, endpoint
 
 # Pipeline-side facts (drift, decisions, the router's weight): the production server exports
 # them from the store (FleetStateCollector), so they exist once per fleet.
@@ -76,6 +79,10 @@ class ServerMetrics:
             multiprocess_mode="liveall", registry=registry,
         )
         self.swaps = Counter(_strip_total(MODEL_SWAPS), "In-memory model swaps", ["variant"], registry=registry)
+        self.failovers = Counter(
+            _strip_total(FAILOVERS), "Requests meant for the other variant, answered here",
+            ["intended", "variant", "endpoint"], registry=registry,
+        )
 
     def prime(self, variant: str, version: str, endpoint: str) -> None:
         """Create this version's series at zero, so that Prometheus's increase() over the
@@ -88,6 +95,9 @@ class ServerMetrics:
             self.quick.labels(variant, version, kind)
         for counter in (self.ape_count, self.ape_sum, self.ape_sum_sq):
             counter.labels(variant, version)
+        for other in ("production", "candidate"):
+            if other != variant:
+                self.failovers.labels(other, variant, endpoint)
 
 
 class FleetStateCollector:

@@ -82,6 +82,9 @@ SELECTORS = {
     "ape_count": f'{metrics.APE_COUNT}{{variant="{{v}}",model_version="{{mv}}"}}',
     "ape_sum": f'{metrics.APE_SUM}{{variant="{{v}}",model_version="{{mv}}"}}',
     "ape_sum_sq": f'{metrics.APE_SUM_SQ}{{variant="{{v}}",model_version="{{mv}}"}}',
+    # Served by the other variant's servers: counted there, whatever version they hold.
+    "failovers": f'{metrics.FAILOVERS}{{intended="{{v}}",endpoint="{PREDICT}"}}',
+    "up": 'up{fleet_variant="{v}"}',
 }
 
 
@@ -140,6 +143,23 @@ def growth_between(prom: Samples, selector: str, since: float, end: float) -> fl
     return sum(value_at(points, end) - value_at(start.get(key, []), since) for key, points in finish.items())
 
 
+def unreachable_minutes(prom: Samples, variant: str, now: float, lookback_s: float) -> float | None:
+    """How long every server of `variant` has failed its scrapes, in minutes: 0 while one
+    answers; since its last good scrape (or, never good, since the first scrape seen in
+    `lookback_s`) otherwise. None when Prometheus knows no target of it (in compose a dead
+    container drops out of DNS: its failovers still count against it, see `variant_stats`)."""
+    series = prom.samples(selector("up", variant, ""), lookback_s, now)
+    downs = []
+    for points in series.values():
+        if not points:
+            continue
+        if points[-1][1] >= 1:
+            return 0.0
+        good = [t for t, v in points if v >= 1]
+        downs.append(now - (good[-1] if good else points[0][0]))
+    return round(min(downs) / 60.0, 3) if downs else None
+
+
 def _count(x: float | None) -> int | None:
     return None if x is None else int(round(x))
 
@@ -160,6 +180,7 @@ def variant_stats(prom: Prometheus, variant: str, version: str, since: float, wi
     read between scrapes, so both arms are counted over the same stretch of time."""
     series = {name: selector(name, variant, version) for name in SELECTORS}
     reset = bool(prom.scalar(f'sum(resets({series["requests"]}[{window}]))'))
+    failover_reset = bool(prom.scalar(f'sum(resets({series["failovers"]}[{window}]))'))
 
     def growth(name: str, by: str = "") -> str:
         return since_start(series[name], by, since, window, reset)
@@ -171,6 +192,8 @@ def variant_stats(prom: Prometheus, variant: str, version: str, since: float, wi
         "requests": _count(growth_between(prom, series["requests"], since, end) if end is not None and not reset
                            else prom.scalar(growth("requests"))),
         "errors": _count(prom.scalar(growth("errors"))),
+        # No series yet (no server has failed over) is none, not unknown.
+        "failovers": _count(prom.scalar(since_start(series["failovers"], "", since, window, failover_reset)) or 0.0),
         "latency_p95_ms": None if p95 is None else round(p95 * 1000, 3),
         "latency_mean_ms": None if mean is None else round(mean * 1000, 3),
         "ratings": _counts(prom.by_label(growth("ratings", "stars"), "stars")),
@@ -182,9 +205,13 @@ def variant_stats(prom: Prometheus, variant: str, version: str, since: float, wi
     }
 
 
-def arm_stats(url: str, versions: dict[str, str], since: float, window: str, now: float) -> dict[str, dict]:
+def arm_stats(url: str, versions: dict[str, str], since: float, window: str, now: float,
+              reach_lookback_s: float = 1200.0) -> dict[str, dict]:
     """Each arm's numbers (arm → model version given), their request counts read at one
-    common instant; raises PrometheusError when Prometheus at `url` cannot answer."""
+    common instant, and how long the arm has been unreachable (looking back at most
+    `reach_lookback_s`); raises PrometheusError when Prometheus at `url` cannot answer."""
     prom = Prometheus(url)
     end = common_instant(prom, [selector("requests", v, versions[v]) for v in versions], now)
-    return {variant: variant_stats(prom, variant, versions[variant], since, window, end) for variant in versions}
+    return {variant: {**variant_stats(prom, variant, versions[variant], since, window, end),
+                      "unreachable_minutes": unreachable_minutes(prom, variant, now, reach_lookback_s)}
+            for variant in versions}

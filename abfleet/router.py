@@ -18,8 +18,9 @@ from pathlib import Path
 from abfleet.settings import Settings, project_root
 
 COOKIE = "abfleet_uid"
-# api.FEEDBACK and the prefix of api.RELOAD (a test holds them equal): the router image has
-# Python and Jinja2 only, not pydantic, so it cannot import abfleet.api.
+# api.PREDICT, api.FEEDBACK and the prefix of api.RELOAD (a test holds them equal): the router
+# image has Python and Jinja2 only, not pydantic, so it cannot import abfleet.api.
+PREDICT_PATH = "/api/predict_home_price"
 FEEDBACK_PATH = "/api/feedback"
 ADMIN_PREFIX = "/api/admin"
 
@@ -67,6 +68,7 @@ def render(settings: Settings, *, candidate_weight: int | None = None, access_lo
         cookie=COOKIE,
         trusted_proxies=settings.trusted_proxies,
         feedback_path=FEEDBACK_PATH,
+        predict_path=PREDICT_PATH,
         admin_prefix=ADMIN_PREFIX,
         predict_rate=nginx_rate(settings.router_predict_rate),
         predict_burst=settings.router_predict_burst,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from abfleet import api, registry
+from abfleet.decision import ARMS
 from abfleet.metrics import ServerMetrics
 from abfleet.model import FastPredictor
 from abfleet.settings import Settings
@@ -298,7 +299,11 @@ class RequestCounts:
         self.variant = variant
         self._children: dict[tuple[str, str, int], tuple] = {}
 
-    def count(self, version: str, endpoint: str, status: int, seconds: float) -> None:
+    def count(self, version: str, endpoint: str, status: int, seconds: float, routed_to: str = "") -> None:
+        """One answered request; `routed_to` is the variant the router meant it for (its
+        X-Router-Variant header): another variant's name means the router failed over here."""
+        if routed_to != self.variant and routed_to in ARMS:  # anything else: not the router's
+            self.metrics.failovers.labels(routed_to, self.variant, endpoint).inc()
         children = self._children.get((version, endpoint, status))
         if children is None:
             children = self._children[(version, endpoint, status)] = (

@@ -50,7 +50,8 @@ def _label_and_count(response: Response) -> Response:
     if endpoint != api.METRICS:
         held = holder.current
         version = g.get("model_version") or (held.version if held else "none")
-        p["counts"].count(version, endpoint, response.status_code, time.perf_counter() - g.get("started", time.perf_counter()))
+        p["counts"].count(version, endpoint, response.status_code, time.perf_counter() - g.get("started", time.perf_counter()),
+                          request.headers.get("X-Router-Variant", ""))
     return response
 
 

@@ -116,7 +116,7 @@ def test_nginx_rates_and_retry_after(per_second, text, retry):
 
 
 def test_the_router_knows_the_api_paths_it_limits_and_hides():
-    assert router.FEEDBACK_PATH == api.FEEDBACK
+    assert router.FEEDBACK_PATH == api.FEEDBACK and router.PREDICT_PATH == api.PREDICT
     assert api.RELOAD.startswith(router.ADMIN_PREFIX + "/")
     public = [api.PREDICT, api.FEEDBACK, api.HEALTH, api.LOCATIONS, api.DRIFT_REPORT, api.PING]
     assert not [p for p in public if p.startswith(router.ADMIN_PREFIX)]
