@@ -22,6 +22,14 @@ MODEL_SWAPS = "abfleet_model_swaps_total"  # labels: variant
 # the intended server refused the connection or timed out. Counted by the server that answered.
 FAILOVERS = "abfleet_failover_requests_total"  # labels: intended, variant, endpoint
 
+# Faults: what an operator must hear about before users do (alert rules in monitoring/rules).
+SPOOL_BACKLOG_ROWS = "abfleet_spool_backlog_rows"  # gauge (live sum over workers): answered, not yet stored
+SPOOL_BACKLOG_BYTES = "abfleet_spool_backlog_bytes"  # gauge (live sum over workers)
+SPOOL_REFUSED = "abfleet_spool_refused_total"  # counter: predictions refused (503) because the spool was full
+STORE_ERRORS = "abfleet_store_errors_total"  # counter; labels: operation (insert, feedback, read, metrics)
+FEEDBACK_FAILURES = "abfleet_feedback_failures_total"  # counter; labels: reason (store, spool)
+READY = "abfleet_ready"  # gauge (live min over workers): 1 when the server would pass /api/ready
+
 # Pipeline-side facts (drift, decisions, the router's weight): the production server exports
 # them from the store (FleetStateCollector), so they exist once per fleet.
 DRIFT_SHARE = "abfleet_drift_share_drifted"
@@ -79,6 +87,18 @@ class ServerMetrics:
             multiprocess_mode="liveall", registry=registry,
         )
         self.swaps = Counter(_strip_total(MODEL_SWAPS), "In-memory model swaps", ["variant"], registry=registry)
+        self.spool_rows = Gauge(SPOOL_BACKLOG_ROWS, "Answered predictions not yet in the database",
+                                multiprocess_mode="livesum", registry=registry)
+        self.spool_bytes = Gauge(SPOOL_BACKLOG_BYTES, "Bytes of spooled predictions not yet in the database",
+                                 multiprocess_mode="livesum", registry=registry)
+        self.spool_refused = Counter(_strip_total(SPOOL_REFUSED), "Predictions refused because the spool was full",
+                                     registry=registry)
+        self.store_errors = Counter(_strip_total(STORE_ERRORS), "Store operations that failed", ["operation"],
+                                    registry=registry)
+        self.feedback_failures = Counter(_strip_total(FEEDBACK_FAILURES), "Feedback not accepted because of a fault",
+                                         ["reason"], registry=registry)
+        self.ready = Gauge(READY, "1 when the server is ready (model loaded)", multiprocess_mode="livemin",
+                           registry=registry)
         self.failovers = Counter(
             _strip_total(FAILOVERS), "Requests meant for the other variant, answered here",
             ["intended", "variant", "endpoint"], registry=registry,
