@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 PREDICT = "/api/predict_home_price"
 FEEDBACK = "/api/feedback"
 HEALTH = "/api/health"
+LIVE = "/api/live"  # 200 while the process runs: the container's liveness check
+READY = "/api/ready"  # 200 once a model is loaded: the orchestrator's readiness check
 LOCATIONS = "/api/get_location_names"
 DRIFT_REPORT = "/api/drift_report"
 PING = "/api/ping"  # the cheapest JSON answer: the benchmark's yardstick for the predict path

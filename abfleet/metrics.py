@@ -7,7 +7,12 @@ after `PROMETHEUS_MULTIPROC_DIR` is set (gunicorn's config does that before impo
 
 from __future__ import annotations
 
+import logging
+import threading
+
 from abfleet.decision import OUTCOMES
+
+log = logging.getLogger(__name__)
 
 REQUESTS = "abfleet_requests_total"  # labels: variant, model_version, endpoint, status
 LATENCY = "abfleet_request_latency_seconds"  # histogram; labels: variant, endpoint
@@ -121,37 +126,70 @@ class ServerMetrics:
 
 
 class FleetStateCollector:
-    """Pipeline-side facts read from the store at scrape time: the router's weight, the
-    decisions taken, the latest drift summary. Only the production server exports them, so
-    each series exists once. Where no weight was recorded in the store (compose, AWS), the
-    weight is `fallback_weight`: the ABFLEET_CANDIDATE_WEIGHT the router was started with."""
+    """Pipeline-side facts read from the store: the router's weight, the decisions taken, the
+    latest drift summary. Only the production server exports them, so each series exists once.
+    Where no weight was recorded in the store (compose, AWS), the weight is `fallback_weight`:
+    the ABFLEET_CANDIDATE_WEIGHT the router was started with.
 
-    def __init__(self, store, fallback_weight: int | None = None):
+    A scrape never waits for the database: `start()` re-reads the store on a background thread
+    every `interval` seconds and `collect()` serves the latest values read. A failed read counts
+    in `errors` (store_errors{operation="metrics"}) and keeps the values read before it."""
+
+    def __init__(self, store, fallback_weight: int | None = None, errors=None):
         self.store = store
         self.fallback_weight = fallback_weight
+        self.errors = errors  # a counter child to .inc() on each failed read, or None
+        self._families: list | None = None  # None until the first read succeeded
+        self._stop = threading.Event()
 
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
+    def refresh(self) -> bool:
+        """Read the store once, in the calling thread; True when it answered."""
         try:
             counts, last = self.store.decision_counts()
             weight = self.store.get_state("candidate_weight", self.fallback_weight)
             drift = self.store.get_state("drift_summary")
-        except Exception:  # a store outage must not break the servers' own metrics
-            return
-        if weight is not None:
-            yield GaugeMetricFamily(ROUTER_CANDIDATE_WEIGHT, "Percent of users the router sends to the candidate", value=float(weight))
-        decisions = CounterMetricFamily(_strip_total(DECISIONS), "Evaluation decisions", labels=["decision"])
-        for decision in OUTCOMES:
-            decisions.add_metric([decision], float(counts.get(decision, 0)))
-        yield decisions
-        if last is not None:
-            yield GaugeMetricFamily(LAST_EVALUATION, "Time of the latest evaluation decision", value=last.timestamp())
-        if drift and drift.get("drift_detected") is not None:
-            yield GaugeMetricFamily(DRIFT_DETECTED, "1 when the latest drift check found drift", value=float(drift["drift_detected"]))
-            yield GaugeMetricFamily(DRIFT_SHARE, "Share of drifted columns", value=float(drift["share_drifted"]))
-            scores = GaugeMetricFamily(DRIFT_COLUMN_SCORE, "Drift score per column", labels=["column"])
-            for column, info in (drift.get("columns") or {}).items():
-                if info.get("score") is not None:
-                    scores.add_metric([column], float(info["score"]))
-            yield scores
+        except Exception as exc:  # a store outage must not break the servers' own metrics
+            log.warning("fleet state not refreshed: %s", exc)
+            if self.errors is not None:
+                self.errors.inc()
+            return False
+        self._families = list(_fleet_families(counts, last, weight, drift))
+        return True
+
+    def start(self, interval: float) -> threading.Thread:
+        """Refresh now and then every `interval` seconds on a daemon thread, until `stop()`."""
+        def loop() -> None:
+            while not self._stop.is_set():
+                self.refresh()
+                self._stop.wait(interval)
+
+        thread = threading.Thread(target=loop, name="fleet-state", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def collect(self):
+        return iter(self._families or ())
+
+
+def _fleet_families(counts: dict, last, weight, drift):
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    if weight is not None:
+        yield GaugeMetricFamily(ROUTER_CANDIDATE_WEIGHT, "Percent of users the router sends to the candidate", value=float(weight))
+    decisions = CounterMetricFamily(_strip_total(DECISIONS), "Evaluation decisions", labels=["decision"])
+    for decision in OUTCOMES:
+        decisions.add_metric([decision], float(counts.get(decision, 0)))
+    yield decisions
+    if last is not None:
+        yield GaugeMetricFamily(LAST_EVALUATION, "Time of the latest evaluation decision", value=last.timestamp())
+    if drift and drift.get("drift_detected") is not None:
+        yield GaugeMetricFamily(DRIFT_DETECTED, "1 when the latest drift check found drift", value=float(drift["drift_detected"]))
+        yield GaugeMetricFamily(DRIFT_SHARE, "Share of drifted columns", value=float(drift["share_drifted"]))
+        scores = GaugeMetricFamily(DRIFT_COLUMN_SCORE, "Drift score per column", labels=["column"])
+        for column, info in (drift.get("columns") or {}).items():
+            if info.get("score") is not None:
+                scores.add_metric([column], float(info["score"]))
+        yield scores

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
+
+import sqlalchemy as sa
 
 from abfleet import api, registry
 from abfleet.decision import ARMS
@@ -231,11 +234,32 @@ class Predictions:
 
 class Recorded(NamedTuple):
     """What a feedback request gets: the HTTP status, the JSON body, and the stored feedback
-    row (None when refused), which the caller counts into its metrics."""
+    row (None when refused), which the caller counts into its metrics. A request the server
+    could not handle because of a fault names it in `failure` (a feedback_failures reason)
+    and says in `retry_after` (seconds) when to try again."""
 
     status: int
     body: dict
     row: dict | None
+    failure: str | None = None
+    retry_after: int | None = None
+
+
+# Database faults that a later try may not meet: the client is told to retry (503), not that
+# the server broke (500). A statement timeout is an OperationalError.
+STORE_FAULTS = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
+
+
+def store_fault(exc: BaseException) -> str:
+    """The cause of a database fault in a few public words (the detail goes to the log)."""
+    if isinstance(exc, sa.exc.TimeoutError):
+        return "no database connection became free in time"
+    orig = getattr(exc, "orig", None)
+    if getattr(orig, "pgcode", None) == "57014":  # query_canceled: the statement timeout
+        return "the database did not answer within the statement timeout"
+    if "database is locked" in str(orig):
+        return "the database stayed locked past the statement timeout"
+    return "the database is unreachable"
 
 
 class Feedback:
@@ -250,6 +274,10 @@ class Feedback:
     def __init__(self, store: Store, settings: Settings):
         self.store = store
         self.received_by = settings.variant
+        self.retry_after = max(1, math.ceil(settings.db_check_interval_s))
+        # At most half of a worker's threads wait on the database for feedback at once: a
+        # database that hangs (no answer, not even an error) must leave threads for predictions.
+        self._waiting = threading.BoundedSemaphore(max(1, settings.threads // 2))
         self.window = dt.timedelta(days=settings.feedback_window_days)
         self.bounds = api.PriceBounds(settings.actual_price_min_lakhs, settings.actual_price_max_lakhs,
                                       settings.actual_price_max_ratio)
@@ -266,7 +294,22 @@ class Feedback:
                 self.bounds.check(req.feedback_value)
         except api.Refused as refused:
             return Recorded(refused.status, refused.body(), None)
-        pid, user = req.prediction_id, api.user_of(user_id)
+        if not self._waiting.acquire(blocking=False):
+            return self._unavailable("every thread allowed to wait for the database is waiting")
+        try:
+            return self._record(req, api.user_of(user_id))
+        except STORE_FAULTS as exc:
+            log.error("feedback not recorded: %s", exc)
+            return self._unavailable(store_fault(exc))
+        finally:
+            self._waiting.release()
+
+    def _unavailable(self, cause: str) -> Recorded:
+        message = f"store unavailable: {cause}; the feedback was not recorded, try again later"
+        return Recorded(503, api.error(message, None), None, failure="store", retry_after=self.retry_after)
+
+    def _record(self, req: api.FeedbackRequest, user: str | None) -> Recorded:
+        pid = req.prediction_id
         pred = self.store.get_prediction(pid)
         if pred is None:
             return Recorded(404, api.error(f"prediction_id: no prediction {pid!r}", "prediction_id"), None)

@@ -106,6 +106,15 @@ class Settings:
     spool_fsync: bool = False
     spool_linger: float = 0.2
 
+    # A hung database must not hang a server: a connection attempt, a statement, and a wait for
+    # a pooled connection each give up after these many seconds (PostgreSQL's connect_timeout
+    # and statement_timeout; SQLite's busy timeout). Predictions never wait for the database.
+    db_connect_timeout_s: float = 3.0
+    db_statement_timeout_s: float = 5.0
+    # How often a server pings the database (for /api/ready and /api/health) and re-reads the
+    # fleet state it exports on /metrics, in the background: requests only read the results.
+    db_check_interval_s: float = 5.0
+
     # Re-raise errors in the CLI instead of printing one line.
     debug: bool = False
     # How often a server re-reads its registry alias (seconds).
@@ -243,6 +252,9 @@ class Settings:
         for name, floor in (("router_predict_burst", 0), ("router_feedback_burst", 0), ("router_connections_per_address", 1)):
             if getattr(self, name) < floor:
                 raise ValueError(f"ABFLEET_{name.upper()} must be at least {floor}, got {getattr(self, name)}")
+        for name in ("db_connect_timeout_s", "db_statement_timeout_s", "db_check_interval_s"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"ABFLEET_{name.upper()} must be a positive number of seconds, got {getattr(self, name)}")
         try:
             _ = self.trusted_proxies
         except ValueError as exc:

@@ -19,6 +19,7 @@ import datetime as dt
 import functools
 import itertools
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -98,6 +99,12 @@ ADDED_COLUMNS = [(feedback, "user_id")]
 FEEDBACK_KIND = {"rating": "rating", "accurate": "quick", "too_high": "quick", "too_low": "quick", "actual_price": "actual_price"}
 
 
+# Database timeouts of a store made from a URL alone: Settings.db_connect_timeout_s and
+# Settings.db_statement_timeout_s have the same defaults.
+CONNECT_TIMEOUT_S = 3.0
+STATEMENT_TIMEOUT_S = 5.0
+
+
 class NotFound(LookupError):
     """No prediction with that id."""
 
@@ -125,17 +132,31 @@ class Store:
     the same database finds the same folder.
     """
 
-    def __init__(self, url: str, spool_dir: str | Path | None = None):
+    def __init__(self, url: str, spool_dir: str | Path | None = None, *,
+                 connect_timeout: float = CONNECT_TIMEOUT_S, statement_timeout: float = STATEMENT_TIMEOUT_S):
         self.url = url
+        self.connect_timeout, self.statement_timeout = connect_timeout, statement_timeout
+        # Every wait on the database is bounded: a hung database gives errors, not hung threads.
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+            kwargs["connect_args"] = {"timeout": statement_timeout, "check_same_thread": False}
+        else:
+            kwargs["pool_timeout"] = connect_timeout  # waiting for a pooled connection
+        if url.startswith("postgresql"):
+            kwargs["connect_args"] = {"connect_timeout": max(1, math.ceil(connect_timeout)),  # libpq: whole seconds
+                                      "options": f"-c statement_timeout={round(statement_timeout * 1000)}"}
         self.engine = sa.create_engine(url, **kwargs)
         if url.startswith("sqlite"):
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            sa.event.listen(self.engine, "connect", functools.partial(_sqlite_pragmas, busy_ms=round(statement_timeout * 1000)))
         self.spool_dir: Path = Path(spool_dir) if spool_dir is not None else default_spool_dir(url)
         self.spool: PredictionSpool | None = None  # this process's own, once started
         self.spool_reader = SpoolReader(self.spool_dir, self.insert_spooled)
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "Store":
+        """The store at `settings.db_url`, with the settings' spool folder and database timeouts."""
+        return cls(settings.db_url, spool_dir=settings.spool_dir or None,
+                   connect_timeout=settings.db_connect_timeout_s, statement_timeout=settings.db_statement_timeout_s)
 
     def close(self) -> None:
         """Insert what is spooled, stop spooling and release the database connections."""
@@ -376,12 +397,13 @@ class Store:
         return out
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    # WAL lets readers and several gunicorn workers write without "database is locked".
+def _sqlite_pragmas(dbapi_conn, _record, *, busy_ms: int) -> None:
+    # WAL lets readers and several gunicorn workers write without "database is locked"; a lock
+    # held longer than the statement timeout is an error rather than a thread stuck waiting.
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
     cur.close()
 
 

@@ -10,6 +10,7 @@ from flask import Flask, current_app
 
 from abfleet import api, data
 from abfleet.metrics import FleetStateCollector, ServerMetrics
+from abfleet.readiness import DatabaseCheck
 from abfleet.serving import Feedback, Loaded, ModelHolder, Predictions, RequestCounts
 from abfleet.settings import Settings
 from abfleet.store import Store
@@ -28,17 +29,20 @@ class Parts(TypedDict):
     predictions: Predictions
     feedback: Feedback
     fleet_registry: object  # a prometheus CollectorRegistry of the fleet's state (production exports it)
+    database: DatabaseCheck
+    fleet_state: FleetStateCollector
 
 
 def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, store: Store | None = None) -> Parts:
     """Build the parts a server needs and register them with `app`; return them.
 
     Without a holder, one that follows the registry alias is made and started; without a
-    store, one at `settings.db_url`. The store's prediction spool is started either way."""
+    store, one at `settings.db_url` with the settings' database timeouts. The store's
+    prediction spool is started either way."""
     from prometheus_client import CollectorRegistry
 
     metrics = ServerMetrics(CollectorRegistry())
-    store = store or Store(settings.db_url)
+    store = store or Store.from_settings(settings)
     store.init_schema()
     # Answers wait for a line in the spool file, not for the database (see abfleet.spool).
     try:
@@ -47,6 +51,7 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
         log.warning("prediction spool unavailable (%s): writing predictions straight to the database", exc)
 
     variant = settings.variant
+    metrics.ready.set(0)  # until the first model is swapped in
 
     def on_swap(old: Loaded | None, new: Loaded) -> None:
         if old is not None:
@@ -55,6 +60,7 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
             metrics.swaps.labels(variant).inc()
         metrics.model_info.labels(variant, new.version, new.alias, str(new.fallback).lower()).set(1)
         metrics.prime(variant, new.version, api.PREDICT)
+        metrics.ready.set(1)  # a server never unloads its model: ready from the first one on
 
     if holder is None:
         holder = ModelHolder(settings, on_swap=on_swap)
@@ -63,15 +69,30 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
     elif holder.current is not None:
         on_swap(None, holder.current)
 
+    # Requests never wait for the database: a background ping says whether it answers (for
+    # /api/ready and /api/health) and the fleet state /metrics exports is re-read in the background.
+    database = DatabaseCheck(store.ping, settings.db_check_interval_s,
+                             deadline=settings.db_connect_timeout_s + settings.db_statement_timeout_s)
+    database.start()
+    fleet_state = FleetStateCollector(store, fallback_weight=settings.candidate_weight,
+                                      errors=metrics.store_errors.labels("metrics"))
+    if variant == "production":  # only production exports the fleet's state
+        fleet_state.start(settings.db_check_interval_s)
     fleet_registry = CollectorRegistry()
-    fleet_registry.register(FleetStateCollector(store, fallback_weight=settings.candidate_weight))
+    fleet_registry.register(fleet_state)
     parts = Parts(settings=settings, holder=holder, store=store, metrics=metrics,
                   counts=RequestCounts(metrics, variant),
                   predictions=Predictions(holder, store, data.known_locations()),
                   feedback=Feedback(store, settings),
-                  fleet_registry=fleet_registry)
+                  fleet_registry=fleet_registry, database=database, fleet_state=fleet_state)
     app.extensions[EXTENSION] = parts
     return parts
+
+
+def stop_background(p: Parts) -> None:
+    """Stop the threads `init_app` started that read the database (tests build many apps)."""
+    p["database"].stop()
+    p["fleet_state"].stop()
 
 
 def parts() -> Parts:

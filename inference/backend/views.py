@@ -11,7 +11,7 @@ from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from abfleet import api, fleet
-from abfleet.serving import no_model_yet
+from abfleet.serving import STORE_FAULTS, no_model_yet, store_fault
 from inference.backend.parts import parts
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,14 @@ def get_location_names():
 @bp.post(api.FEEDBACK)
 def record_feedback():
     p = parts()
-    status, body, row = p["feedback"].record(request_body(), request.environ.get("HTTP_X_USER_ID", ""))
+    status, body, row, failure, retry_after = p["feedback"].record(request_body(), request.environ.get("HTTP_X_USER_ID", ""))
+    if failure is not None:
+        p["metrics"].feedback_failures.labels(failure).inc()
+        if failure == "store":
+            p["metrics"].store_errors.labels("feedback").inc()
+        response = jsonify(body)
+        response.headers["Retry-After"] = str(retry_after)
+        return response, status
     if row is not None:
         metrics = p["metrics"]
         v, mv = row["variant"], row["model_version"]
@@ -117,12 +124,35 @@ def record_feedback():
     return jsonify(body), status
 
 
+@bp.get(api.LIVE)
+def live():
+    # The process answers: nothing else is asked (no model, no database).
+    return jsonify(status="ok")
+
+
+@bp.get(api.READY)
+def ready():
+    p = parts()
+    held = p["holder"].current
+    p["metrics"].ready.set(1 if held is not None else 0)
+    body = {
+        "status": "ready" if held is not None else "unavailable",
+        "model_version": held.version if held else None,
+        # The latest background ping: predictions do not wait for the database, so readiness does not depend on it.
+        "database": p["database"].state,
+    }
+    if held is None:
+        body["reason"] = no_model_yet(p["holder"])
+    return jsonify(body), 200 if held is not None else 503
+
+
 @bp.get(api.HEALTH)
 def health():
     p = parts()
     holder = p["holder"]
     held = holder.current
-    store_ok = p["store"].ping()
+    database = p["database"].state  # the latest background ping: a request never waits for the database
+    store_ok = database == "ok"
     body = {
         "status": "ok" if held and store_ok else "unavailable",
         "variant": p["settings"].variant,
@@ -131,6 +161,7 @@ def health():
         "serving_alias": held.alias if held else None,
         "fallback": bool(held and held.fallback),
         "store_reachable": store_ok,
+        "database": database,
         "last_error": holder.problem,  # public wording; the detail is in the log
     }
     if held and held.fallback:
@@ -140,7 +171,14 @@ def health():
 
 @bp.get(api.DRIFT_REPORT)
 def drift_report():
-    summary = parts()["store"].get_state("drift_summary")
+    try:
+        summary = parts()["store"].get_state("drift_summary")
+    except STORE_FAULTS as exc:
+        log.error("drift summary not read: %s", exc)
+        parts()["metrics"].store_errors.labels("read").inc()
+        response = jsonify(api.error(f"store unavailable: {store_fault(exc)}; try again later", None))
+        response.headers["Retry-After"] = str(parts()["feedback"].retry_after)
+        return response, 503
     if summary is None:
         return refuse("no drift check has run yet: the daily drift_monitoring DAG or `abfleet drift` makes one", None, 404)
     # The report's location names the bucket or a local path: say only whether there is one.

@@ -11,6 +11,7 @@ from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
 from abfleet.store import Store
 from inference.backend.app import create_app
+from inference.backend.parts import stop_background
 
 
 @pytest.fixture
@@ -23,7 +24,9 @@ def app(tmp_path, predictor):
     settings = Settings(run_dir=tmp_path, variant="candidate", admin_token="secret")
     store = Store(settings.db_url)
     app = create_app(settings, holder=ModelHolder.fixed(settings, predictor, "7"), store=store)
+    app.extensions["abfleet"]["database"].check()  # the first background ping, done before the test
     yield app
+    stop_background(app.extensions["abfleet"])
     store.stop_spool()
 
 

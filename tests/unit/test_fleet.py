@@ -36,18 +36,24 @@ def test_without_a_token_the_reload_is_reported_as_skipped(tmp_path):
     assert all(v.startswith("skipped (no admin token") and "within 9s" in v for v in out.values())
 
 
+def exported_by(collector: FleetStateCollector) -> dict:
+    """What a scrape gets from `collector` after one refresh from the store."""
+    assert collector.refresh()
+    return {f.name: f for f in collector.collect()}
+
+
 def test_the_production_server_exports_the_recorded_weight_else_the_configured_one(tmp_path):
     with open_store(Settings(run_dir=tmp_path)) as store:
-        exported = {f.name: f for f in FleetStateCollector(store, fallback_weight=15).collect()}
+        exported = exported_by(FleetStateCollector(store, fallback_weight=15))
         assert exported[ROUTER_CANDIDATE_WEIGHT].samples[0].value == 15.0
         assert {s.labels["decision"] for s in exported[DECISIONS.removesuffix("_total")].samples} == {
             "promote", "rollback", "continue"}
         store.set_state("candidate_weight", 40)
-        exported = {f.name: f for f in FleetStateCollector(store, fallback_weight=15).collect()}
+        exported = exported_by(FleetStateCollector(store, fallback_weight=15))
         assert exported[ROUTER_CANDIDATE_WEIGHT].samples[0].value == 40.0
     (tmp_path / "fresh").mkdir()
     with open_store(Settings(run_dir=tmp_path / "fresh")) as store:
-        assert ROUTER_CANDIDATE_WEIGHT not in {f.name for f in FleetStateCollector(store).collect()}
+        assert ROUTER_CANDIDATE_WEIGHT not in exported_by(FleetStateCollector(store))
 
 
 def test_webhook_receives_the_decision_and_a_dead_one_is_not_fatal():

@@ -1,0 +1,160 @@
+"""Liveness, readiness and the database faults a server answers without hanging: the app over
+a tiny model and a temporary SQLite store, as in test_app."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from abfleet.api import DRIFT_REPORT, FEEDBACK, FLAT, HEALTH, LIVE, METRICS, PREDICT, READY
+from abfleet.metrics import DECISIONS, FleetStateCollector, ServerMetrics
+from abfleet.readiness import DatabaseCheck
+from abfleet.serving import ModelHolder
+from abfleet.settings import Settings
+from abfleet.store import Store
+from inference.backend.app import create_app
+from inference.backend.parts import stop_background
+
+
+@pytest.fixture
+def make_app(tmp_path, tiny_predictor):
+    """An app factory: with the tiny model or without any; stopped and closed afterwards."""
+    made = []
+
+    def make(*, model: bool = True, **overrides):
+        settings = Settings(run_dir=tmp_path, **overrides)
+        holder = ModelHolder.fixed(settings, tiny_predictor, "7") if model else ModelHolder(settings)
+        store = Store.from_settings(settings)
+        app = create_app(settings, holder=holder, store=store)
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        stop_background(app.extensions["abfleet"])
+        app.extensions["abfleet"]["store"].close()
+
+
+def sample(client, name: str, **labels) -> float | None:
+    text = client.get(METRICS).get_data(as_text=True)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
+
+
+def test_live_answers_without_a_model(make_app):
+    client = make_app(model=False).test_client()
+    r = client.get(LIVE)
+    assert r.status_code == 200 and r.get_json() == {"status": "ok"}
+
+
+def test_ready_needs_a_model_and_reports_the_last_database_check(make_app):
+    without = make_app(model=False, variant="candidate")
+    without.extensions["abfleet"]["database"].check()
+    r = without.test_client().get(READY)
+    assert r.status_code == 503 and r.get_json()["status"] == "unavailable" and r.get_json()["reason"]
+    assert r.get_json()["database"] == "ok"
+    assert sample(without.test_client(), "abfleet_ready") == 0.0
+
+    with_model = make_app()
+    with_model.extensions["abfleet"]["database"].check()
+    r = with_model.test_client().get(READY)
+    assert r.status_code == 200 and r.get_json() == {"status": "ready", "model_version": "7", "database": "ok"}
+    assert sample(with_model.test_client(), "abfleet_ready") == 1.0
+
+
+def test_ready_and_health_never_wait_for_the_database(make_app):
+    app = make_app()
+    p = app.extensions["abfleet"]
+    p["database"].stop()
+    release = threading.Event()
+    # A ping stuck on a hung database: requests read the state, they do not join the wait.
+    stuck = DatabaseCheck(lambda: release.wait(30), interval=60, deadline=0.0)
+    p["database"] = stuck
+    thread = threading.Thread(target=stuck.check, daemon=True)
+    thread.start()
+    try:
+        client = app.test_client()
+        ready, health = client.get(READY), client.get(HEALTH)
+        assert ready.status_code == 200 and ready.get_json()["database"] == "unreachable"
+        assert health.status_code == 503 and health.get_json()["database"] == "unreachable"
+        assert health.get_json()["store_reachable"] is False and health.get_json()["model_loaded"] is True
+        assert client.post(PREDICT, json=FLAT).status_code == 200
+    finally:
+        release.set()
+        thread.join(10)
+    assert stuck.state == "ok"
+
+
+def test_database_check_states():
+    now = [0.0]
+    answers = iter([True, False])
+    check = DatabaseCheck(lambda: next(answers), interval=5, deadline=8, clock=lambda: now[0])
+    assert check.state == "unknown"
+    assert check.check() == "ok" and check.state == "ok"
+    assert check.check() == "unreachable"
+
+    def raises():
+        raise OSError("connection refused")
+
+    assert DatabaseCheck(raises, interval=5, deadline=8).check() == "unreachable"
+
+
+def test_feedback_on_a_locked_database_is_a_503_with_retry_after(make_app):
+    # The statement timeout (SQLite's busy timeout) ends the wait for a lock another process holds.
+    app = make_app(db_statement_timeout_s=0.2, db_check_interval_s=4.5)
+    client = app.test_client()
+    pid = client.post(PREDICT, json=FLAT).get_json()["prediction_id"]
+    store = app.extensions["abfleet"]["store"]
+    assert store.get_prediction(pid) is not None  # inserted from the spool before the lock
+    holder = sqlite3.connect(store.engine.url.database, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        r = client.post(FEEDBACK, json={"prediction_id": pid, "feedback_type": "rating", "feedback_value": 4})
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+    assert r.get_json() == {"error": "store unavailable: the database stayed locked past the statement timeout; "
+                                     "the feedback was not recorded, try again later", "field": None}
+    assert sample(client, "abfleet_feedback_failures_total", reason="store") == 1.0
+    assert sample(client, "abfleet_store_errors_total", operation="feedback") == 1.0
+    # Once the lock is gone the same feedback is accepted.
+    again = client.post(FEEDBACK, json={"prediction_id": pid, "feedback_type": "rating", "feedback_value": 4})
+    assert again.status_code == 201
+
+
+def test_drift_report_on_a_broken_store_is_a_503(make_app, tmp_path):
+    app = make_app()
+    store = app.extensions["abfleet"]["store"]
+    store.engine.dispose()
+    (tmp_path / "store.db").unlink()  # a new, empty database file: no tables in it
+    r = app.test_client().get(DRIFT_REPORT)
+    assert r.status_code == 503 and r.headers["Retry-After"] and "store unavailable" in r.get_json()["error"]
+
+
+def test_fleet_state_keeps_its_last_values_when_a_refresh_fails(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    settings = Settings(run_dir=tmp_path)
+    store = Store.from_settings(settings)
+    store.init_schema()
+    store.record_decision("continue", "test", True, [], {}, "1", "2")
+    metrics = ServerMetrics(CollectorRegistry())
+    collector = FleetStateCollector(store, fallback_weight=20, errors=metrics.store_errors.labels("metrics"))
+    assert list(collector.collect()) == []  # nothing read yet: nothing exported
+    assert collector.refresh()
+    before = {f.name: f.samples for f in collector.collect()}
+    store.engine.dispose()
+    (tmp_path / "store.db").unlink()  # the next read meets an empty database
+    assert not collector.refresh()
+    assert {f.name: f.samples for f in collector.collect()} == before
+    assert metrics.registry.get_sample_value("abfleet_store_errors_total", {"operation": "metrics"}) == 1.0
+    decided = {s.labels["decision"]: s.value for s in before[DECISIONS.removesuffix("_total")]}
+    assert decided["continue"] == 1.0
+    store.close()
