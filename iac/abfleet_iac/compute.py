@@ -21,15 +21,10 @@ import pulumi_aws as aws
 
 from abfleet_iac._util import policy_output, tags_for
 
-# A model server is alive when it answers HTTP at all: /api/health says 503 until a model
-# is loaded (before the first training), and ECS must not kill it for that.
-LIVENESS = (
-    "import urllib.request, urllib.error\n"
-    "try:\n"
-    "    urllib.request.urlopen('http://127.0.0.1:{port}/api/health', timeout=4)\n"
-    "except urllib.error.HTTPError:\n"
-    "    pass\n"
-)
+# A model server is alive when /api/live answers 200: no model and no database needed, so
+# ECS does not replace a task (and lose its prediction spool) for a database outage or
+# before the first model is trained. Readiness is /api/ready.
+LIVENESS = "import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/api/live', timeout=4)"
 
 # MLflow's task first makes sure its database exists on the shared RDS instance.
 CREATE_DATABASE = (

@@ -404,3 +404,18 @@ def test_the_router_trusts_x_forwarded_for_only_from_the_alb_subnets(program):
     env = {e["name"]: e["value"] for e in container["environment"]}
     trusted = set(env["ABFLEET_ROUTER_TRUSTED_PROXIES"].split(","))
     assert subnets and trusted == subnets, (trusted, subnets)
+
+
+def test_model_servers_are_checked_for_liveness_not_for_the_database(program):
+    # A container health check that needed the database or a model would have ECS replace
+    # tasks (losing their prediction spools) during a database outage or before training.
+    checked = {}
+    for td in of_type(program, "aws:ecs/taskDefinition:TaskDefinition"):
+        for container in json.loads(td.inputs["containerDefinitions"]):
+            if container.get("healthCheck"):
+                checked[td.inputs["family"].rsplit("-", 1)[-1]] = " ".join(container["healthCheck"]["command"])
+    for variant in ("production", "candidate"):
+        assert "/api/live" in checked[variant] and "/api/health" not in checked[variant], checked[variant]
+    # The load balancer's targets are routers: the router answers for itself.
+    [group] = of_type(program, "aws:lb/targetGroup:TargetGroup")
+    assert group.inputs["healthCheck"]["path"] == "/router/health"

@@ -191,7 +191,7 @@ def test_serving_image_has_serving_dependencies_only():
     assert not re.search(r"\[(pipeline|all|load|iac|test)", text), "the serving image installs an extra"
     assert "-c constraints.txt" in text
     assert re.search(r"^USER\s+(?!0\b|root\b)\S+", text, re.M), "the serving image runs as root"
-    assert re.search(r"^HEALTHCHECK\b.*\n?.*?/api/health", text, re.M)
+    assert re.search(r"^HEALTHCHECK\b.*\n?.*?/api/live", text, re.M)
     assert re.search(r"^EXPOSE\s+8000\b", text, re.M)
     assert "ABFLEET_BIND=0.0.0.0:8000" in text
     # The base dependency list itself must not drag Airflow or Evidently in.

@@ -132,6 +132,8 @@ def test_limits_trusted_proxies_and_headers_render_and_pass_nginx_t(tmp_path):
     assert "rate=150r/m" in text and "rate=30r/m" in text and "set_real_ip_from fd00::/8;" in text
     assert "real_ip_recursive on;" in text and "limit_req_status 429;" in text
     assert "return 404" in text.split(f"location ^~ {router.ADMIN_PREFIX} {{")[1].split("}")[0]
+    for internal in (api.LIVE, api.READY):  # asked of each server directly, not through the router
+        assert "return 404" in text.split(f"location = {internal} {{")[1].split("}")[0]
     # Each location that adds headers repeats the common ones (nginx drops inherited add_header).
     for block in text.split("location ")[1:]:
         if "add_header" in block.split("}")[0]:
