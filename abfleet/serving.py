@@ -248,6 +248,8 @@ class Recorded(NamedTuple):
 # Database faults that a later try may not meet: the client is told to retry (503), not that
 # the server broke (500). A statement timeout is an OperationalError.
 STORE_FAULTS = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
+# How long a feedback request waits for a thread allowed to use the database (see Feedback).
+FEEDBACK_QUEUE_S = 0.5
 
 
 def store_fault(exc: BaseException) -> str:
@@ -275,9 +277,10 @@ class Feedback:
         self.store = store
         self.received_by = settings.variant
         self.retry_after = max(1, math.ceil(settings.db_check_interval_s))
-        # At most half of a worker's threads wait on the database for feedback at once: a
-        # database that hangs (no answer, not even an error) must leave threads for predictions.
-        self._waiting = threading.BoundedSemaphore(max(1, settings.threads // 2))
+        # A database that hangs (no answer, not even an error) must leave a worker threads for
+        # predictions: all but one may wait on it for feedback; another feedback request waits a
+        # moment for one of them to finish, then gets a 503.
+        self._waiting = threading.BoundedSemaphore(max(1, settings.threads - 1))
         self.window = dt.timedelta(days=settings.feedback_window_days)
         self.bounds = api.PriceBounds(settings.actual_price_min_lakhs, settings.actual_price_max_lakhs,
                                       settings.actual_price_max_ratio)
@@ -287,14 +290,15 @@ class Feedback:
         `user_id` is the X-User-Id header as sent.
 
         Checked in this order: the body (400/422), the prediction id (404), its user (403),
-        the window (410), the actual price against the estimate (422), one of a kind (409)."""
+        the window (410), the actual price against the estimate (422), one of a kind (409).
+        A database fault (unreachable, timed out, locked) is a 503 naming it."""
         try:
             req = api.parse(api.FeedbackRequest, body)
             if req.feedback_type == "actual_price":
                 self.bounds.check(req.feedback_value)
         except api.Refused as refused:
             return Recorded(refused.status, refused.body(), None)
-        if not self._waiting.acquire(blocking=False):
+        if not self._waiting.acquire(timeout=FEEDBACK_QUEUE_S):
             return self._unavailable("every thread allowed to wait for the database is waiting")
         try:
             return self._record(req, api.user_of(user_id))

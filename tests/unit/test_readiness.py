@@ -17,6 +17,7 @@ from abfleet.settings import Settings
 from abfleet.store import Store
 from inference.backend.app import create_app
 from inference.backend.parts import stop_background
+from tests.helpers import wait_for
 
 
 @pytest.fixture
@@ -158,3 +159,30 @@ def test_fleet_state_keeps_its_last_values_when_a_refresh_fails(tmp_path):
     decided = {s.labels["decision"]: s.value for s in before[DECISIONS.removesuffix("_total")]}
     assert decided["continue"] == 1.0
     store.close()
+
+
+def test_feedback_waiting_on_a_stuck_database_leaves_threads_for_predictions(make_app):
+    # Two threads: one may wait on the database for feedback, the other stays for predictions.
+    app = make_app(threads=2, db_statement_timeout_s=5)
+    client = app.test_client()
+    first, second = (client.post(PREDICT, json=FLAT).get_json()["prediction_id"] for _ in range(2))
+    store = app.extensions["abfleet"]["store"]
+    assert store.get_prediction(first) and store.get_prediction(second)
+    service = app.extensions["abfleet"]["feedback"]
+    holder = sqlite3.connect(store.engine.url.database, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    stuck: list = []
+    waiting = threading.Thread(target=lambda: stuck.append(app.test_client().post(
+        FEEDBACK, json={"prediction_id": first, "feedback_type": "rating", "feedback_value": 4})))
+    try:
+        waiting.start()
+        wait_for(lambda: service._waiting._value == 0, 10, 0.01, what="the first feedback to wait on the lock")
+        r = client.post(FEEDBACK, json={"prediction_id": second, "feedback_type": "rating", "feedback_value": 4})
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        assert "every thread allowed to wait for the database is waiting" in r.get_json()["error"]
+        assert client.post(PREDICT, json=FLAT).status_code == 200
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        waiting.join(10)
+    assert stuck[0].status_code == 201  # the lock went away before the busy timeout ran out
