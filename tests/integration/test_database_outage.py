@@ -178,3 +178,29 @@ def test_a_stopped_database_loses_no_prediction(fleet, tmp_path):
         wait_for(lambda: ids <= set(stored(pg)), 120, what="every answered prediction in the database")
         rows = stored(pg)
         assert set(rows) == ids and set(rows.values()) == {1}, "a prediction stored twice, or one never answered"
+
+
+def test_a_statement_timeout_answers_feedback_with_a_503(tmp_path):
+    from abfleet.serving import Feedback
+    from abfleet.settings import Settings
+    from abfleet.store import Store
+
+    with postgres_server() as pg:
+        settings = Settings(run_dir=tmp_path, database_url=pg.url, db_statement_timeout_s=0.5)
+        store = Store.from_settings(settings)
+        locker = sa.create_engine(pg.url)
+        try:
+            store.record_predictions([{"id": "ab" * 16, "variant": "production", "model_version": "1", "location": "x",
+                                       "total_sqft": 1200.0, "bhk": 2, "bath": 2, "estimated_price": 50.0,
+                                       "latency_ms": 1.0, "user_id": None}])
+            rating = b'{"prediction_id": "' + b"ab" * 16 + b'", "feedback_type": "rating", "feedback_value": 4}'
+            with locker.connect() as conn:  # another session holds the table: the INSERT waits
+                conn.execute(sa.text("LOCK TABLE feedback IN ACCESS EXCLUSIVE MODE"))
+                answer = Feedback(store, settings).record(rating)
+                conn.rollback()
+            assert answer.status == 503 and answer.failure == "store" and answer.retry_after, answer
+            assert "within the statement timeout" in answer.body["error"], answer.body
+            assert Feedback(store, settings).record(rating).status == 201  # the lock is gone
+        finally:
+            locker.dispose()
+            store.close()
