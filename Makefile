@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 install-system:
-	@bash scripts/install-system.sh nginx prometheus
+	@bash scripts/install-system.sh nginx prometheus prometheus-alertmanager
 	@bash scripts/install-system.sh wrk || echo "wrk missing and not root: only \`abfleet bench\` needs it"
 
 demo: install install-system

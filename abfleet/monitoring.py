@@ -1,4 +1,5 @@
-"""Prometheus configuration for the local stack, derived from `monitoring/prometheus.yml`."""
+"""Prometheus and Alertmanager configuration for the local stack, derived from
+`monitoring/prometheus.yml` and `monitoring/alertmanager.yml`."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def local_targets(settings: Settings) -> dict[str, str]:
 
 
 def write_prometheus_config(settings: Settings) -> Path:
-    """The shared prometheus.yml with local targets and absolute rule paths, in the run dir."""
+    """The shared prometheus.yml with local targets, absolute rule paths and the local
+    Alertmanager, in the run dir."""
     source = project_root() / "monitoring" / "prometheus.yml"
     config = yaml.safe_load(source.read_text())
     targets = local_targets(settings)
@@ -30,6 +32,26 @@ def write_prometheus_config(settings: Settings) -> Path:
             job.pop("dns_sd_configs", None)
             job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
     config["rule_files"] = [str(source.parent / rule) for rule in config.get("rule_files", [])]
+    # Alerts go to the local stack's Alertmanager instead of compose's service name.
+    config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [f"{settings.host}:{settings.alertmanager_port}"]}]}]}
     path = settings.run_dir / "prometheus.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def alertmanager_config(settings: Settings) -> dict:
+    """`monitoring/alertmanager.yml` with a webhook to settings.webhook_url on its default
+    receiver when one is set; without one, alerts are kept and shown but sent nowhere."""
+    config = yaml.safe_load((project_root() / "monitoring" / "alertmanager.yml").read_text())
+    if settings.webhook_url:
+        default = config["route"]["receiver"]
+        for receiver in config["receivers"]:
+            if receiver["name"] == default:
+                receiver["webhook_configs"] = [{"url": settings.webhook_url, "send_resolved": True}]
+    return config
+
+
+def write_alertmanager_config(settings: Settings) -> Path:
+    path = settings.run_dir / "alertmanager.yml"
+    path.write_text(yaml.safe_dump(alertmanager_config(settings), sort_keys=False))
     return path

@@ -56,6 +56,7 @@ class Settings:
     candidate_port: int = 6002
     mlflow_port: int = 5000
     prometheus_port: int = 9090
+    alertmanager_port: int = 9093
     airflow_port: int = 8080
 
     # Candidate share of users, in percent; production gets the rest. The fleet's weight
@@ -72,7 +73,8 @@ class Settings:
     s3_prefix: str = "abfleet"
     # Empty means the local stack's Prometheus on prometheus_port.
     prometheus_url: str = ""
-    # Called with the decision on every promote and rollback (optional).
+    # Called with the decision on every promote and rollback (optional). The local stack's
+    # Alertmanager sends its alerts here too (Alertmanager's webhook JSON: `alerts`, `status`).
     webhook_url: str = ""
     # Where the pipeline reaches each model server (for the reload call after a decision);
     # empty means the local stack's loopback port. Compose: http://infer-prod:8000.

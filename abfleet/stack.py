@@ -1,4 +1,4 @@
-"""The local stack on loopback: MLflow, both model servers, nginx and Prometheus.
+"""The local stack on loopback: MLflow, both model servers, nginx, Prometheus and Alertmanager.
 
 Each process `up` starts gets a pid file and a log under the run directory; `down` stops
 exactly the processes whose pid files it finds (checking the pid still runs what we
@@ -26,6 +26,15 @@ class StackError(ProcessError):
 
 def prometheus_binary() -> str | None:
     return shutil.which("prometheus") or ("/usr/bin/prometheus" if os.access("/usr/bin/prometheus", os.X_OK) else None)
+
+
+def alertmanager_binary() -> str | None:
+    # Debian's prometheus-alertmanager package names the binary after itself.
+    for name in ("prometheus-alertmanager", "alertmanager"):
+        found = shutil.which(name) or (f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else None)
+        if found:
+            return found
+    return None
 
 
 def services(settings: Settings) -> list[Service]:
@@ -56,6 +65,16 @@ def services(settings: Settings) -> list[Service]:
     except FileNotFoundError:
         nginx_cmd = ["nginx-missing"]
     out.append(Service("router", settings.router_port, nginx_cmd, f"{settings.router_url}/router/health", "nginx"))
+    # Alertmanager starts before Prometheus, which sends it its alerts; it passes them on to
+    # settings.webhook_url (monitoring.py renders its config). No cluster address: a single
+    # instance opens no gossip port.
+    out.append(Service(
+        "alertmanager", settings.alertmanager_port,
+        [alertmanager_binary() or "prometheus-alertmanager-missing", f"--config.file={run / 'alertmanager.yml'}",
+         f"--storage.path={run / 'alertmanager'}", f"--web.listen-address={h}:{settings.alertmanager_port}",
+         f"--web.external-url={settings.local_url(settings.alertmanager_port)}", "--cluster.listen-address="],
+        f"{settings.local_url(settings.alertmanager_port)}/-/ready", "alertmanager",
+    ))
     prom = prometheus_binary() or "prometheus-missing"
     out.append(Service(
         "prometheus", settings.prometheus_port,
@@ -98,10 +117,11 @@ def current_weight(settings: Settings) -> int:
 def prepare(settings: Settings, candidate_weight: int) -> None:
     """Write the rendered configs and folders the processes need."""
     run = settings.run_dir
-    for sub in ("pids", "logs", "objects", "metrics", "prometheus"):
+    for sub in ("pids", "logs", "objects", "metrics", "prometheus", "alertmanager"):
         (run / sub).mkdir(parents=True, exist_ok=True)
     router.write_config(settings, candidate_weight=candidate_weight)
     monitoring.write_prometheus_config(settings)
+    monitoring.write_alertmanager_config(settings)
     # The fleet's one record of the weight: the evaluation and the SRM alert's gauge read it.
     fleet.set_candidate_weight(settings, candidate_weight)
 
@@ -213,6 +233,7 @@ def status(settings: Settings) -> dict:
             "router": f"{settings.router_url}/",
             "mlflow": settings.tracking_uri,
             "prometheus": f"{settings.local_url(settings.prometheus_port)}/",
+            "alertmanager": f"{settings.local_url(settings.alertmanager_port)}/",
             **({"airflow": f"{settings.airflow_url}/"} if "airflow" in processes else {}),
         },
     }

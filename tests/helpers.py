@@ -36,7 +36,8 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25, what: str
 
 def fleet_settings(run_dir: Path, **overrides) -> Settings:
     ports = {name: free_port() for name in
-             ("router_port", "production_port", "candidate_port", "mlflow_port", "prometheus_port", "airflow_port")}
+             ("router_port", "production_port", "candidate_port", "mlflow_port", "prometheus_port",
+              "alertmanager_port", "airflow_port")}
     # The tests drive many users' traffic from one address: the router's limits are for people.
     defaults = {"reload_interval": 2.0, "admin_token": "test-token", **router.ONE_ADDRESS_LIMITS}
     return Settings(run_dir=run_dir, **{**defaults, **ports, **overrides})

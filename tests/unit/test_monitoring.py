@@ -1,6 +1,6 @@
 """Monitoring config, checked offline and fast: Prometheus config and alert rules (promtool),
-rule unit tests, metric names against abfleet/metrics.py, Grafana provisioning and dashboards,
-and the monitoring compose file's mounts.
+rule unit tests, runbook links, Alertmanager config (amtool), metric names against
+abfleet/metrics.py, Grafana provisioning and dashboards, and the compose files' mounts.
 
 The live counterpart (every dashboard query against the fleet's Prometheus) is
 tests/integration/test_dashboards.py.
@@ -29,6 +29,8 @@ RULE_FILES = sorted((MON / "rules").glob("*.yml"))
 RULE_TESTS = sorted((MON / "tests").glob("*.yml"))
 DASHBOARDS = sorted((MON / "grafana" / "dashboards").glob("*.json"))
 COMPOSE = MON / "docker-compose.monitoring.yml"
+ROOT_COMPOSE = ROOT / "docker-compose.yaml"
+ALERTMANAGER_CONFIG = MON / "alertmanager.yml"
 DATASOURCE_UID = "prometheus"
 SEVERITIES = {"critical", "warning", "info"}
 
@@ -46,6 +48,14 @@ def _promtool() -> str:
     if path is None:
         pytest.skip("promtool NOT INSTALLED: Prometheus config, alert rules and rule unit tests are NOT checked "
                     "(apt-get install prometheus)")
+    return path
+
+
+def _amtool() -> str:
+    path = shutil.which("amtool") or ("/usr/bin/amtool" if os.access("/usr/bin/amtool", os.X_OK) else None)
+    if path is None:
+        pytest.skip("amtool NOT INSTALLED: the Alertmanager config is NOT checked "
+                    "(apt-get install prometheus-alertmanager, or make install-system)")
     return path
 
 
@@ -141,6 +151,9 @@ def test_prometheus_config_has_the_fleet_jobs():
     by_name = {job["job_name"]: job for job in config["scrape_configs"]}
     assert by_name["production"]["dns_sd_configs"][0]["names"] == ["infer-prod"]
     assert by_name["candidate"]["dns_sd_configs"][0]["names"] == ["infer-cand"]
+    # Compose: alerts go to the alertmanager service.
+    (target,) = [t for am in config["alerting"]["alertmanagers"] for sc in am["static_configs"] for t in sc["targets"]]
+    assert target == "alertmanager:9093"
 
 
 def test_the_local_stack_scrapes_loopback_targets_with_the_same_labels(tmp_path):
@@ -155,8 +168,69 @@ def test_the_local_stack_scrapes_loopback_targets_with_the_same_labels(tmp_path)
     assert jobs["production"]["static_configs"] == [{"targets": [f"{settings.host}:16001"]}]
     assert jobs["candidate"]["static_configs"] == [{"targets": [f"{settings.host}:16002"]}]
     assert jobs["candidate"]["relabel_configs"] == [{"target_label": "fleet_variant", "replacement": "candidate"}]
+    assert config["alerting"] == {"alertmanagers": [{"static_configs": [
+        {"targets": [f"{settings.host}:{settings.alertmanager_port}"]}]}]}
     r = _run(_promtool(), "check", "config", str(rendered))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_fault_alerts_link_a_runbook_paragraph_in_the_readme():
+    """Every alert of monitoring/rules/faults.yml (and any other with a runbook) links a README heading."""
+    headings = {re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+                for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("#")}
+    faults = {rule["alert"] for group in yaml.safe_load((MON / "rules" / "faults.yml").read_text())["groups"]
+              for rule in group["rules"] if "alert" in rule}
+    assert faults
+    for rule in _alert_rules():
+        runbook = (rule.get("annotations") or {}).get("runbook")
+        if rule["alert"] in faults:
+            assert runbook, f"{rule['alert']}: no runbook annotation"
+        if runbook:
+            page, _, anchor = runbook.partition("#")
+            assert page == "README.md" and anchor in headings, f"{rule['alert']}: {runbook} is no README heading"
+
+
+# ---- Alertmanager -----------------------------------------------------------------------------
+
+def test_amtool_check_config_of_the_shared_alertmanager_config():
+    r = _run(_amtool(), "check-config", str(ALERTMANAGER_CONFIG))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_local_alertmanager_sends_to_the_webhook_when_one_is_set(tmp_path):
+    from abfleet.monitoring import write_alertmanager_config
+    from abfleet.settings import Settings
+
+    amtool = _amtool()
+    with_hook = write_alertmanager_config(Settings(run_dir=tmp_path, webhook_url="http://127.0.0.1:1/hook"))
+    config = yaml.safe_load(with_hook.read_text())
+    (receiver,) = [r for r in config["receivers"] if r["name"] == config["route"]["receiver"]]
+    assert receiver["webhook_configs"] == [{"url": "http://127.0.0.1:1/hook", "send_resolved": True}]
+    r = _run(amtool, "check-config", str(with_hook))
+    assert r.returncode == 0, r.stdout + r.stderr
+    # No webhook: a receiver without configs, which Alertmanager accepts (alerts are only shown).
+    without = write_alertmanager_config(Settings(run_dir=tmp_path))
+    config = yaml.safe_load(without.read_text())
+    assert all(set(r) == {"name"} for r in config["receivers"]), config["receivers"]
+    r = _run(amtool, "check-config", str(without))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_stack_starts_alertmanager_on_its_port_and_says_how_to_install_a_missing_one(tmp_path, monkeypatch):
+    from abfleet import stack
+    from abfleet.settings import Settings
+
+    settings = Settings(run_dir=tmp_path, alertmanager_port=19093)
+    (am,) = [s for s in stack.services(settings) if s.name == "alertmanager"]
+    assert f"--web.listen-address={settings.host}:19093" in am.command
+    assert f"--config.file={tmp_path / 'alertmanager.yml'}" in am.command
+    assert "--cluster.listen-address=" in am.command  # no gossip port on 9094
+    names = [s.name for s in stack.services(settings)]
+    assert names.index("alertmanager") < names.index("prometheus")
+    monkeypatch.setattr(stack, "alertmanager_binary", lambda: None)
+    with pytest.raises(stack.StackError, match="prometheus-alertmanager is not installed: run `sudo apt-get install -y "
+                                               "prometheus-alertmanager` \\(or `make install-system`\\)"):
+        stack.up(settings, only=("alertmanager",), say=lambda _m: None)
 
 
 # ---- metric names -----------------------------------------------------------------------------
@@ -280,6 +354,14 @@ def test_compose_mounts_what_prometheus_and_grafana_read():
     grafana = _binds(services["grafana"])
     assert (COMPOSE.parent / grafana["/etc/grafana/provisioning"]).resolve() == (MON / "grafana/provisioning").resolve()
     assert (COMPOSE.parent / grafana["/var/lib/grafana/dashboards"]).resolve() == (MON / "grafana/dashboards").resolve()
+
+
+@pytest.mark.parametrize("compose", [COMPOSE, ROOT_COMPOSE], ids=lambda p: p.name)
+def test_compose_runs_alertmanager_with_the_shared_config(compose):
+    services = yaml.safe_load(compose.read_text())["services"]
+    binds = _binds(services["alertmanager"])
+    assert (compose.parent / binds["/etc/alertmanager/alertmanager.yml"]).resolve() == ALERTMANAGER_CONFIG.resolve()
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in services["alertmanager"]["command"]
 
 
 def test_compose_file_is_valid():

@@ -1,0 +1,110 @@
+"""An alert reaches a person: the local stack's Prometheus evaluates the project's alert rules
+on a real model server, Alertmanager (Debian's prometheus-alertmanager, started by
+`stack.up`) receives the firing alert and POSTs it to ABFLEET_WEBHOOK_URL, here a loopback
+receiver run by the test.
+
+The alert is AbfleetCandidateNotReady: a candidate server on a fresh fleet whose registry
+(MLflow, running) holds no model at all exports `abfleet_ready 0`. The rules are the
+project's own, loaded from copies in which only that alert's `for:` is shortened from 5
+minutes to a few seconds, with a 1s scrape and evaluation interval; Alertmanager runs the
+config the stack rendered (the webhook included) with only its grouping wait shortened from
+30s. The receiver's side of the webhook is the one a team would run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import requests
+import yaml
+
+from abfleet import stack
+from abfleet.settings import project_root
+from tests.helpers import answering, fleet_settings, wait_for
+
+pytestmark = pytest.mark.slow
+
+ALERT = "AbfleetCandidateNotReady"
+SHORT_FOR = "3s"
+
+
+def speed_up_prometheus(settings, rules_dir) -> None:
+    """Rewrite the rendered prometheus.yml for the test: 1s intervals, the project's rule files
+    copied with ALERT's `for:` shortened; then let the running Prometheus reload it."""
+    path = settings.run_dir / "prometheus.yml"
+    config = yaml.safe_load(path.read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    shortened = 0
+    copies = []
+    for source in sorted((project_root() / "monitoring" / "rules").glob("*.yml")):
+        rules = yaml.safe_load(source.read_text())
+        for group in rules["groups"]:
+            for rule in group["rules"]:
+                if rule.get("alert") == ALERT:
+                    rule["for"] = SHORT_FOR
+                    shortened += 1
+        copy = rules_dir / source.name
+        copy.write_text(yaml.safe_dump(rules, sort_keys=False))
+        copies.append(str(copy))
+    assert shortened == 1, f"{ALERT} not found once in monitoring/rules"
+    config["rule_files"] = copies
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    prom = settings.local_url(settings.prometheus_port)
+    requests.post(f"{prom}/-/reload", timeout=10).raise_for_status()
+
+    def reloaded():
+        groups = requests.get(f"{prom}/api/v1/rules", timeout=5).json()["data"]["groups"]
+        return any(r["name"] == ALERT and r["duration"] == 3 for g in groups for r in g["rules"])
+    wait_for(reloaded, 30, what=f"Prometheus to load the rules with {ALERT} for: {SHORT_FOR}")
+
+
+def speed_up_alertmanager(settings) -> None:
+    """The rendered alertmanager.yml with a 2s group_wait, reloaded by the running Alertmanager."""
+    path = settings.run_dir / "alertmanager.yml"
+    config = yaml.safe_load(path.read_text())
+    assert config["receivers"][0]["webhook_configs"][0]["url"] == settings.webhook_url
+    config["route"]["group_wait"] = "2s"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    am = settings.local_url(settings.alertmanager_port)
+    requests.post(f"{am}/-/reload", timeout=10).raise_for_status()
+    wait_for(lambda: "group_wait: 2s" in requests.get(f"{am}/api/v2/status", timeout=5).json()["config"]["original"],
+             30, what="Alertmanager to load the shortened group_wait")
+
+
+def alert_posts(seen: list[dict]) -> list[dict]:
+    """Alertmanager's webhook POSTs among the receiver's requests that carry ALERT."""
+    return [r for r in seen if r["method"] == "POST" and r["json"]
+            and any(a["labels"].get("alertname") == ALERT for a in r["json"].get("alerts", []))]
+
+
+def test_a_candidate_with_no_model_is_reported_to_the_webhook_by_alertmanager(tmp_path):
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    with answering(200) as (url, seen):
+        settings = fleet_settings(tmp_path / "run", webhook_url=f"{url}/alerts")
+        try:
+            state = stack.up(settings, only=("mlflow", "candidate", "alertmanager", "prometheus"), say=lambda _m: None)
+            assert state["processes"]["alertmanager"]["healthy"], state["processes"]
+            speed_up_alertmanager(settings)
+            speed_up_prometheus(settings, rules_dir)
+            # The server is up and scraped, and says it is not ready.
+            prom = settings.local_url(settings.prometheus_port)
+            wait_for(lambda: requests.get(f"{prom}/api/v1/query", timeout=5, params={
+                "query": 'abfleet_ready{fleet_variant="candidate"} == 0'}).json()["data"]["result"],
+                30, what="Prometheus to scrape abfleet_ready 0 from the candidate")
+            # Firing after `for:`, then Alertmanager's group_wait before it sends.
+            posts = wait_for(lambda: alert_posts(seen), 90, interval=1.0,
+                             what=f"Alertmanager to POST {ALERT} to the webhook")
+        finally:
+            stack.down(settings, say=lambda _m: None)
+
+    post = posts[0]
+    assert post["path"] == "/alerts"
+    body = post["json"]
+    assert body["receiver"] == "abfleet" and body["status"] == "firing", body
+    (alert,) = [a for a in body["alerts"] if a["labels"]["alertname"] == ALERT]
+    assert alert["status"] == "firing"
+    assert alert["labels"]["fleet_variant"] == "candidate"
+    assert alert["labels"]["instance"] == f"{settings.host}:{settings.candidate_port}"
+    assert alert["labels"]["severity"] == "warning"
+    assert alert["annotations"]["runbook"] == "README.md#abfleetcandidatenotready"
+    assert alert["annotations"]["summary"].startswith("candidate (")
