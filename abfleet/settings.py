@@ -105,6 +105,10 @@ class Settings:
     spool_dir: str = ""
     spool_fsync: bool = False
     spool_linger: float = 0.2
+    # Bounds of one worker's backlog while the database is away: beyond either, a prediction
+    # is refused (503 with Retry-After) rather than held in memory and disk without end.
+    spool_max_rows: int = 200_000
+    spool_max_bytes: int = 256 << 20
 
     # Re-raise errors in the CLI instead of printing one line.
     debug: bool = False
