@@ -38,7 +38,7 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
     from prometheus_client import CollectorRegistry
 
     metrics = ServerMetrics(CollectorRegistry())
-    store = store or Store(settings.db_url)
+    store = store or Store(settings.db_url, spool_dir=settings.spool_dir or None)  # as open_store: readers look there too
     store.init_schema()
 
     def on_backlog(rows: int, nbytes: int) -> None:  # after every flush, from the spool's thread
