@@ -31,6 +31,7 @@ from abfleet.decision import ARMS
 from abfleet.metrics import ServerMetrics
 from abfleet.model import FastPredictor
 from abfleet.settings import Settings
+from abfleet.spool import SpoolFull
 from abfleet.store import Duplicate, Store
 
 log = logging.getLogger(__name__)
@@ -174,12 +175,14 @@ new_prediction_id = PredictionIds().new
 
 
 class Answer(NamedTuple):
-    """What a predict request gets: the HTTP status, the JSON body, and the model version its
-    metrics are labelled with ("none" while no model is loaded)."""
+    """What a predict request gets: the HTTP status, the JSON body, the model version its
+    metrics are labelled with ("none" while no model is loaded), and extra response headers
+    (Retry-After on a 503 for a full spool)."""
 
     status: int
     body: dict
     version: str
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class Predictions:
@@ -187,11 +190,12 @@ class Predictions:
     the model held, records the answer in the store, and says what to answer."""
 
     def __init__(self, holder: ModelHolder, store: Store, vocabulary: frozenset[str],
-                 new_id: Callable[[], str] = new_prediction_id):
+                 new_id: Callable[[], str] = new_prediction_id, on_refused: Callable[[], None] = lambda: None):
         self.holder = holder
         self.store = store
         self.vocabulary = vocabulary  # the fleet's locations: both variants accept the same ones
         self.new_id = new_id
+        self.on_refused = on_refused  # called for each prediction refused because the spool is full
         self.variant = holder.variant
 
     def answer(self, body: bytes | Mapping | None, user_id: str = "") -> Answer:
@@ -222,6 +226,11 @@ class Predictions:
                 "location": req.location, "total_sqft": req.total_sqft, "bhk": req.bhk, "bath": req.bath,
                 "estimated_price": estimate, "latency_ms": latency_ms, "user_id": api.user_of(user_id),
             })
+        except SpoolFull as full:  # the backlog is at its bounds or the disk is full: come back later
+            log.warning("prediction refused: %s", full)
+            self.on_refused()
+            message = f"{full.cause}: the prediction could not be recorded, try again in {full.retry_after} s"
+            return Answer(503, api.error(message, None), held.version, (("Retry-After", str(full.retry_after)),))
         except Exception as exc:  # an answer we could not store is not given: nothing is lost silently
             log.error("prediction not stored: %s", exc)
             message = "store unavailable: the prediction could not be recorded, try again"

@@ -107,6 +107,10 @@ class Settings:
     spool_dir: str = ""
     spool_fsync: bool = False
     spool_linger: float = 0.2
+    # Bounds of one worker's backlog while the database is away: beyond either, a prediction
+    # is refused (503 with Retry-After) rather than held in memory and disk without end.
+    spool_max_rows: int = 200_000
+    spool_max_bytes: int = 256 << 20
 
     # A hung database must not hang a server: a connection attempt, a statement, and a wait for
     # a pooled connection each give up after these many seconds (PostgreSQL's connect_timeout

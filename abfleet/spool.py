@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import atexit
 import datetime as dt
-import errno
-import fcntl
 import hashlib
 import json
 import logging
-import mmap
+import math
 import operator
 import os
 import socket
@@ -36,14 +34,13 @@ from typing import Callable, Collection, Sequence
 import sqlalchemy as sa
 
 from abfleet.settings import default_run_dir
+from abfleet.spool_segment import (CHUNK_ROWS, DISK_FULL, MAX_SEGMENT_BYTES, SPOOL_SUFFIX, Insert, Segment, SpoolFull,
+                                   claim, insert_in_chunks, line_prefix, read_bytes, replay, spool_files, valid_lines)
+
+__all__ = ["CHUNK_ROWS", "SPOOL_SUFFIX", "Insert", "PredictionSpool", "SpoolFull", "SpoolReader", "default_spool_dir",
+           "spool_files"]
 
 log = logging.getLogger(__name__)
-
-SPOOL_SUFFIX = ".jsonl"
-
-# Inserts spooled lines idempotently (a replayed row may be stored already); `values` are the
-# same rows as tuples in the column order given to `PredictionSpool`, or None.
-Insert = Callable[[list[str], list[tuple] | None], None]
 
 
 def default_spool_dir(url: str) -> Path:
@@ -59,88 +56,6 @@ def default_spool_dir(url: str) -> Path:
     except sa.exc.ArgumentError:
         pass
     return default_run_dir() / "spool" / hashlib.sha256(url.encode()).hexdigest()[:16]
-
-
-# ---- the line format and the files ----------------------------------------------
-
-def _line_prefix(prediction_id: str) -> str:
-    # Spool lines start with the id (see PredictionSpool.append): a lookup needs no JSON parse.
-    return '{"id": ' + json.dumps(prediction_id) + ","
-
-
-def spool_files(directory: Path | None) -> list[Path]:
-    """The spool files in a folder, live writers' and dead ones', sorted by name."""
-    if directory is None:
-        return []
-    try:
-        return sorted(p for p in directory.iterdir() if p.name.endswith(SPOOL_SUFFIX))
-    except FileNotFoundError:
-        return []
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:  # inserted and removed meanwhile
-        return b""
-
-
-def _lines(data: bytes) -> list[str]:
-    """The lines of a spool file (its unused tail, and any zeroed stretch, are NUL bytes)."""
-    data = data.rstrip(b"\0")
-    chunks = [c for c in data.split(b"\0") if c] if b"\0" in data else [data]
-    return [line for c in chunks for line in c.decode("utf-8", errors="replace").splitlines()]
-
-
-def _valid_lines(data: bytes, path: Path) -> list[str]:
-    """The complete rows of a spool file; a torn line (its writer died mid-copy, before it
-    could answer) is skipped."""
-    out = []
-    for line in _lines(data):
-        try:
-            row = json.loads(line)
-            dt.datetime.fromisoformat(row["created_at"])
-            out.append(line)
-        except (ValueError, KeyError, TypeError):
-            if line.strip():
-                log.warning("skipping an unreadable line in spool file %s", path.name)
-    return out
-
-
-def _claim(path: Path) -> int | None:
-    """An open, exclusively locked descriptor of a spool file whose writer is gone, else None.
-
-    A live writer holds an flock on its file for as long as it runs; the kernel drops it
-    when the process dies, however it dies.
-    """
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return None
-        raise
-    if os.fstat(fd).st_nlink == 0:  # replayed and removed by someone else meanwhile
-        os.close(fd)
-        return None
-    return fd
-
-
-def _replay(insert: Insert, path: Path, fd: int) -> int:
-    """Insert a dead writer's spool file (claimed as fd) and remove it; return its row count."""
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    lines = _valid_lines(b"".join(chunks), path)
-    insert(lines, None)
-    os.unlink(path)  # only now: the INSERT above committed
-    if lines:
-        log.info("replayed %d spooled predictions from %s", len(lines), path.name)
-    return len(lines)
 
 
 # ---- reading the spools of a folder ----------------------------------------------
@@ -159,12 +74,12 @@ class SpoolReader:
 
     def find_line(self, prediction_id: str) -> str | None:
         """The spooled line of that prediction in any spool file of the folder, else None."""
-        prefix = _line_prefix(prediction_id)
+        prefix = line_prefix(prediction_id)
         needle = prefix.encode()
         for path in spool_files(self.directory):
-            data = _read_bytes(path)
+            data = read_bytes(path)
             if needle in data:
-                found = [line for line in _valid_lines(data, path) if line.startswith(prefix)]
+                found = [line for line in valid_lines(data, path) if line.startswith(prefix)]
                 if found:
                     return found[0]
         return None
@@ -189,13 +104,13 @@ class SpoolReader:
         for path in spool_files(self.directory):
             if path in skip:
                 continue
-            fd = _claim(path)
+            fd = claim(path)
             if fd is None:
                 if import_live:
-                    self.insert(_valid_lines(_read_bytes(path), path), None)
+                    insert_in_chunks(self.insert, valid_lines(read_bytes(path), path))
                 continue
             try:
-                replayed += _replay(self.insert, path, fd)
+                replayed += replay(self.insert, path, fd)
             finally:
                 os.close(fd)
         return replayed
@@ -210,71 +125,24 @@ class SpoolReader:
 
 # ---- writing: one process's spool -----------------------------------------------
 
-class _Segment:
-    """One spool file: created locked (flock), given its full size up front, and mapped.
-
-    A line is appended by copying it into the shared mapping: no system call (so no
-    release of the GIL, no thread hand-off), yet the bytes are in the kernel's page cache
-    from that moment and outlive the process however it dies. The space is allocated when
-    the file is made (a full disk fails then, not later); unused space reads as NUL bytes.
-    """
-
-    def __init__(self, directory: Path, name: str, capacity: int):
-        tmp = directory / f".{name}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.posix_fallocate(fd, 0, capacity)
-            self.map = mmap.mmap(fd, capacity)
-            # Only named *.jsonl once locked: nobody can take it for an orphan in between.
-            self.path = directory / f"{name}{SPOOL_SUFFIX}"
-            os.rename(tmp, self.path)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        self.fd = fd
-        self.capacity = capacity
-        self.size = 0
-
-    def fits(self, n: int) -> bool:
-        return self.size + n <= self.capacity
-
-    def write(self, data: bytes, sync: bool) -> None:
-        start, end = self.size, self.size + len(data)
-        self.map[start:end] = data
-        if sync:
-            aligned = start - start % mmap.PAGESIZE
-            self.map.flush(aligned, end - aligned)
-        self.size = end
-
-    def truncate(self) -> None:
-        """Forget every line (all of them are in the database)."""
-        self.map[:self.size] = bytes(self.size)
-        self.size = 0
-
-    def release(self) -> None:
-        self.map.close()
-        os.close(self.fd)
-
-    def discard(self) -> None:
-        """Remove the file (every row in it is in the database) and release it."""
-        try:
-            self.path.unlink(missing_ok=True)
-        finally:
-            self.release()
-
-
 class PredictionSpool:
     """Answered predictions on their way to the database.
 
     `append` copies the row as one JSON line into this process's mapped spool file (plus an
     msync when `fsync`) before the caller answers. A thread wakes on the first row after a
-    quiet spell, lets `linger` seconds of rows gather, hands the batch to `insert` (lines, and
-    values in `columns` order), then empties the file if nothing new came in. A full file
-    (`capacity` bytes) is replaced, and removed once its rows are inserted. The file is
-    flock-ed while this process lives; one nobody holds was left by a dead process and is
-    replayed at start, every `rescan_interval` seconds, and by `SpoolReader.settle`.
+    quiet spell, lets `linger` seconds of rows gather, hands them to `insert` (lines, and
+    values in `columns` order) in chunks of at most `chunk_rows`, each its own transaction,
+    and empties the file once every line in it is inserted. A full file (`capacity` bytes) is
+    replaced, and removed once its rows are inserted; the replacement is made before the full
+    one is retired, so a failure to make it leaves the spool as it was. The file is flock-ed
+    while this process lives; one nobody holds was left by a dead process and is replayed at
+    start, every `rescan_interval` seconds, and by `SpoolReader.settle`.
+
+    Bounded: beyond `max_rows` rows or `max_bytes` bytes waiting for the database, or when
+    the disk is full, `append` raises `SpoolFull` (the caller answers 503 and Retry-After);
+    the next append tries again. Memory holds the ids of waiting rows and where they start
+    in the files, not the rows: their bytes are in the mapped files already.
+    `on_backlog(rows, bytes)` is called after every flush, whether it inserted or failed.
 
     Durability: a row is in the database or in a spool file from the moment `append` returns.
     Without fsync that survives the process being killed (the kernel holds the page); with
@@ -283,7 +151,8 @@ class PredictionSpool:
 
     def __init__(self, directory: Path, insert: Insert, columns: Sequence[str], *, fsync: bool = False,
                  linger: float = 0.2, capacity: int = 256 << 10, rescan_interval: float = 60.0,
-                 max_retry_delay: float = 5.0):
+                 max_retry_delay: float = 5.0, max_rows: int = 200_000, max_bytes: int = 256 << 20,
+                 chunk_rows: int = CHUNK_ROWS, on_backlog: Callable[[int, int], None] | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.insert = insert
@@ -294,17 +163,22 @@ class PredictionSpool:
         self.capacity = capacity
         self.rescan_interval = rescan_interval
         self.max_retry_delay = max_retry_delay
+        self.retry_after = max(1, math.ceil(max_retry_delay))  # what a refused client is told to wait
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.chunk_rows = chunk_rows
+        self.on_backlog = on_backlog
         self._reader = SpoolReader(self.directory, insert)
-        self._lock = threading.Lock()  # pending rows and segments
+        self._lock = threading.Lock()  # the backlog and the segments
         self._wake = threading.Condition(self._lock)
         self._flushing = threading.Lock()  # one flush at a time
-        self._pending: list[tuple[str, str, tuple]] = []  # (id, spooled line, column values) not inserted yet
-        self._pending_ids: set[str] = set()
-        self._inserting = 0  # rows of the batch being inserted: taken from _pending, not stored yet
-        self._retired: list[_Segment] = []
+        self._pending_ids: set[str] = set()  # appended, not inserted yet
+        self._rows = 0  # the backlog: rows and line bytes appended, not inserted yet
+        self._bytes = 0
+        self._retired: list[Segment] = []  # full, replaced; removed once every line is inserted
         self._serial = 0
         self._name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._current = self._new_segment()
+        self._current = self._new_segment(capacity)
         self._closed = False
         self._stopping = threading.Event()
         self._idle = False  # the flusher waits for a first row: wake it
@@ -314,77 +188,125 @@ class PredictionSpool:
         self._thread.start()
         atexit.register(self.close)
 
-    def _new_segment(self) -> _Segment:
+    def _new_segment(self, capacity: int) -> Segment:
         self._serial += 1
-        return _Segment(self.directory, f"{self._name}-{self._serial:06d}", self.capacity)
+        return Segment(self.directory, f"{self._name}-{self._serial:06d}", capacity)
 
     def paths(self) -> set[Path]:
         with self._lock:
             return {self._current.path, *(s.path for s in self._retired)}
 
     def pending(self) -> int:
-        """How many appended rows are not inserted yet (the batch being inserted counts)."""
+        """How many appended rows are not inserted yet (a chunk being inserted counts)."""
         with self._lock:
-            return len(self._pending) + self._inserting
+            return self._rows
+
+    def backlog(self) -> tuple[int, int]:
+        """(rows, bytes) appended and not inserted yet."""
+        with self._lock:
+            return self._rows, self._bytes
 
     def holds(self, prediction_id: str) -> bool:
         with self._lock:
             return prediction_id in self._pending_ids
 
     def append(self, row: dict) -> None:
-        """Make one prediction durable; raises when it could not be (then do not answer)."""
+        """Make one prediction durable; raises when it could not be (then do not answer):
+        `SpoolFull` when the backlog is at its bounds or the disk is full."""
         created = row.get("created_at") or dt.datetime.now(dt.timezone.utc)
         if created.tzinfo is not None:
             created = created.astimezone(dt.timezone.utc)
-        # The id first: readers find a line by its start without parsing (see _line_prefix).
+        # The id first: readers find a line by its start without parsing (see line_prefix).
         record = {"id": row["id"], **row, "created_at": created.isoformat(timespec="microseconds")}
-        line = json.dumps(record)  # the default encoder: no encoder built per call
-        data = line.encode() + b"\n"
-        try:
-            values = self._column_values(record)
-        except KeyError:
-            values = tuple(record.get(c) for c in self.columns)
+        data = json.dumps(record).encode() + b"\n"  # the default encoder: no encoder built per call
         with self._lock:
             if self._closed:
                 raise RuntimeError("the prediction spool is closed")
+            if self._rows >= self.max_rows:
+                raise SpoolFull(f"spool full: {self._rows} predictions wait for the database "
+                                f"(at most {self.max_rows})", self.retry_after)
+            if self._bytes + len(data) > self.max_bytes:
+                raise SpoolFull(f"spool full: {self._bytes} bytes of predictions wait for the database "
+                                f"(at most {self.max_bytes})", self.retry_after)
             if not self._current.fits(len(data)):
-                if len(data) > self.capacity:
-                    raise ValueError(f"a prediction of {len(data)} bytes does not fit a spool file")
-                self._retired.append(self._current)  # removed once its rows are inserted
-                self._current = self._new_segment()
-            self._current.write(data, self.fsync)
-            self._pending.append((row["id"], line, values))
+                self._roll_over(len(data))
+            try:
+                self._current.write(data, self.fsync)
+            except OSError as exc:
+                if exc.errno in DISK_FULL:
+                    raise SpoolFull(f"disk full: the spool file could not be synced ({exc.strerror})",
+                                    self.retry_after) from exc
+                raise
             self._pending_ids.add(row["id"])
+            self._rows += 1
+            self._bytes += len(data)
             if self._idle:  # only the first row after a quiet spell costs a wake-up
                 self._idle = False
                 self._wake.notify()
 
+    def _roll_over(self, needed: int) -> None:
+        """Make a new current segment, then retire the full one (called with the lock held).
+        If the new one cannot be made, nothing changes: the next append tries again."""
+        if needed > self.capacity:
+            raise ValueError(f"a prediction of {needed} bytes does not fit a spool file")
+        # While a backlog piles up (the database is away) each new file is twice the last.
+        capacity = max(self.capacity, min(self.capacity << min(len(self._retired), 16), MAX_SEGMENT_BYTES))
+        try:
+            segment = self._new_segment(capacity)
+        except OSError as exc:
+            if exc.errno in DISK_FULL:
+                raise SpoolFull(f"disk full: no room for a new spool file ({exc.strerror})", self.retry_after) from exc
+            raise
+        self._retired.append(self._current)  # removed once its rows are inserted
+        self._current = segment
+
     def flush(self) -> int:
-        """Insert everything appended so far; return how many rows. Raises on a database error
-        (the rows stay spooled and pending)."""
+        """Insert everything appended so far, in chunks; return how many rows. Raises on a
+        database error: the chunk that failed and those after it stay spooled."""
         with self._flushing:
-            with self._lock:
-                batch, self._pending = self._pending, []
-                self._inserting = len(batch)
-                retired = list(self._retired)
-                current, size = self._current, self._current.size
             try:
-                self.insert([line for _id, line, _v in batch], [v for _id, _line, v in batch])
-            except BaseException:
-                with self._lock:
-                    self._pending[:0] = batch
-                    self._inserting = 0
-                raise
-            # The INSERT committed: only now may its lines leave the files.
-            with self._lock:
-                self._inserting = 0
-                self._pending_ids.difference_update(pid for pid, _line, _v in batch)
-                if current is self._current and current.size == size and size:
-                    current.truncate()  # nothing came in meanwhile: every line in it is inserted
-                for segment in retired:
-                    self._retired.remove(segment)
-                    segment.discard()
-            return len(batch)
+                return self._flush()
+            finally:
+                if self.on_backlog is not None:
+                    self.on_backlog(*self.backlog())
+
+    def _flush(self) -> int:
+        with self._lock:
+            work = [(s, s.done, s.size) for s in [*self._retired, self._current] if s.backlog]
+        count = 0
+        for segment, start, end in work:
+            # Lines are copied whole before `size` moves: start..end holds complete lines only.
+            lines = segment.read(start, end).split(b"\n")[:-1]
+            for first in range(0, len(lines), self.chunk_rows):
+                chunk = lines[first:first + self.chunk_rows]
+                texts = [line.decode() for line in chunk]
+                rows = [json.loads(text) for text in texts]
+                self.insert(texts, [self._values(row) for row in rows])
+                start += sum(map(len, chunk)) + len(chunk)
+                with self._lock:  # the chunk committed: only now may its lines leave the file
+                    self._committed(segment, start, rows)
+                count += len(chunk)
+        return count
+
+    def _values(self, row: dict) -> tuple:
+        try:
+            return self._column_values(row)
+        except KeyError:
+            return tuple(row.get(c) for c in self.columns)
+
+    def _committed(self, segment: Segment, done: int, rows: list[dict]) -> None:
+        """Account for inserted rows, up to byte `done` of `segment` (called with the lock held)."""
+        self._bytes -= done - segment.done
+        self._rows -= len(rows)
+        self._pending_ids.difference_update(row["id"] for row in rows)
+        segment.done = done
+        if segment.backlog:
+            return
+        if segment is self._current:
+            segment.truncate()  # every line in it is inserted: reuse it
+        else:
+            self._retired.remove(segment)
+            segment.discard()
 
     def replay_orphans(self) -> int:
         """Insert and remove the spool files of dead processes; return how many rows."""
@@ -406,13 +328,13 @@ class PredictionSpool:
         next_scan = time.monotonic() + self.rescan_interval
         while True:
             with self._lock:
-                while not self._pending and not self._closed and time.monotonic() < next_scan:
+                while not self._rows and not self._closed and time.monotonic() < next_scan:
                     self._idle = True
                     self._wake.wait(timeout=max(0.01, next_scan - time.monotonic()))
                 self._idle = False
                 if self._closed:
                     return
-            if self._pending:
+            if self._rows:
                 if self._stopping.wait(delay or self.linger):  # let a batch gather (or back off)
                     return  # closing: close() inserts what is pending
                 try:
@@ -440,10 +362,10 @@ class PredictionSpool:
             self.flush()
         except Exception as exc:  # left in the file: the next start replays it
             log.warning("spool not emptied at exit (it will be replayed): %s", exc)
-        with self._lock:
+        with self._flushing, self._lock:
             for segment in [*self._retired, self._current]:
-                if segment.size == 0 and not self._pending:
-                    segment.discard()
+                if segment.backlog == 0:
+                    segment.discard()  # every line in it is inserted
                 else:
                     segment.release()
             self._retired = []

@@ -21,7 +21,7 @@ import itertools
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -164,13 +164,16 @@ class Store:
         self.engine.dispose()
 
     # ---- the spool ---------------------------------------------------------
-    def start_spool(self, *, fsync: bool = False, linger: float = 0.2) -> PredictionSpool:
+    def start_spool(self, *, fsync: bool = False, linger: float = 0.2, max_rows: int = 200_000,
+                    max_bytes: int = 256 << 20, on_backlog: Callable[[int, int], None] | None = None) -> PredictionSpool:
         """From now on `record_prediction` appends to a spool file in `spool_dir` and returns; a
         background thread inserts the rows in batches. Spool files that a dead process left
-        behind are replayed into the database first."""
+        behind are replayed into the database first. Beyond `max_rows` or `max_bytes` waiting
+        for the database, `record_prediction` raises `SpoolFull` (see abfleet.spool)."""
         if self.spool is None:
             self.spool = PredictionSpool(self.spool_dir, self.insert_spooled, PREDICTION_COLUMNS,
-                                         fsync=fsync, linger=linger)
+                                         fsync=fsync, linger=linger, max_rows=max_rows, max_bytes=max_bytes,
+                                         on_backlog=on_backlog)
         return self.spool
 
     def stop_spool(self) -> None:

@@ -64,7 +64,8 @@ class FastPredict:
             body = json.dumps(answer.body, separators=(",", ":")).encode() + b"\n"
         status = self._status_lines.get(answer.status) or status_line(answer.status)
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-                   ("X-Variant", self.variant), ("X-Model-Version", self.predictions.holder.version_header())]
+                   ("X-Variant", self.variant), ("X-Model-Version", self.predictions.holder.version_header()),
+                   *answer.headers]
         self.counts.count(answer.version, api.PREDICT, answer.status, time.perf_counter() - started,
                           environ.get("HTTP_X_ROUTER_VARIANT", ""))
         start_response(status, headers)

@@ -42,11 +42,17 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
     from prometheus_client import CollectorRegistry
 
     metrics = ServerMetrics(CollectorRegistry())
-    store = store or Store.from_settings(settings)
+    store = store or Store.from_settings(settings)  # the spool folder readers look in too
     store.init_schema()
+
+    def on_backlog(rows: int, nbytes: int) -> None:  # after every flush, from the spool's thread
+        metrics.spool_rows.set(rows)
+        metrics.spool_bytes.set(nbytes)
+
     # Answers wait for a line in the spool file, not for the database (see abfleet.spool).
     try:
-        store.start_spool(fsync=settings.spool_fsync, linger=settings.spool_linger)
+        store.start_spool(fsync=settings.spool_fsync, linger=settings.spool_linger, max_rows=settings.spool_max_rows,
+                          max_bytes=settings.spool_max_bytes, on_backlog=on_backlog)
     except OSError as exc:  # no writable spool folder: every answer waits for its INSERT, as before
         log.warning("prediction spool unavailable (%s): writing predictions straight to the database", exc)
 
@@ -82,7 +88,7 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
     fleet_registry.register(fleet_state)
     parts = Parts(settings=settings, holder=holder, store=store, metrics=metrics,
                   counts=RequestCounts(metrics, variant),
-                  predictions=Predictions(holder, store, data.known_locations()),
+                  predictions=Predictions(holder, store, data.known_locations(), on_refused=metrics.spool_refused.inc),
                   feedback=Feedback(store, settings),
                   fleet_registry=fleet_registry, database=database, fleet_state=fleet_state)
     app.extensions[EXTENSION] = parts

@@ -78,7 +78,7 @@ def _unexpected(exc: Exception):
 def predict_home_price():
     answer = parts()["predictions"].answer(request_body(), request.environ.get("HTTP_X_USER_ID", ""))
     g.model_version = answer.version
-    return jsonify(answer.body), answer.status
+    return jsonify(answer.body), answer.status, list(answer.headers)
 
 
 @bp.get(api.PING)
