@@ -39,7 +39,6 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
 
     metrics = ServerMetrics(CollectorRegistry())
     store = store or Store(settings.db_url)
-    store.init_schema()
     # Answers wait for a line in the spool file, not for the database (see abfleet.spool).
     try:
         store.start_spool(fsync=settings.spool_fsync, linger=settings.spool_linger)
