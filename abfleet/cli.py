@@ -132,6 +132,23 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0  # not reached
 
 
+def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    from abfleet import migrations
+
+    outcome = migrations.upgrade(settings.db_url)
+    print(f"{migrations.shown(settings.db_url)}: {outcome.describe()}")
+    return 0
+
+
+def cmd_db_current(args: argparse.Namespace, settings: Settings) -> int:
+    from abfleet import migrations
+
+    revision, head = migrations.current(settings.db_url), migrations.head()
+    state = "up to date" if revision == head else f"behind: run `abfleet db upgrade` to reach {head}"
+    print(f"{migrations.shown(settings.db_url)}: {revision or 'no revision (empty, or created before migrations)'} ({state})")
+    return 0 if revision == head else 1
+
+
 def cmd_decide(args: argparse.Namespace, settings: Settings) -> int:
     try:
         stats = json.loads(Path(args.stats).read_text())
@@ -265,6 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which alias to serve (default: VARIANT from the environment, else production)")
     p.add_argument("--port", type=int, help="listen port (default: the variant's port from settings)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("db", help="the prediction store's schema: migrations (Alembic)",
+                       description="The prediction store's schema (DATABASE_URL, else the SQLite file in the run directory). "
+                                   "Servers never create or alter tables: run `abfleet db upgrade` before they need them "
+                                   "(`abfleet up`, the compose stack's migrate job and the deploy do).")
+    db_sub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    s = db_sub.add_parser("upgrade", help="apply every migration not applied yet (idempotent)",
+                          description="Apply every migration the database lacks and say what was done. A store created "
+                                      "before migrations is adopted (missing columns added, then stamped). Safe to run "
+                                      "from several places at once. Exits 1 when the database is unreachable.")
+    s.set_defaults(func=cmd_db_upgrade)
+    s = db_sub.add_parser("current", help="the database's revision, and whether it is the newest (exit 1 when behind)")
+    s.set_defaults(func=cmd_db_current)
+
     p = sub.add_parser("decide", help="the decision alone, from aggregated stats (JSON)")
     p.add_argument("--stats", required=True, help="JSON file in the decision-input shape (see DESIGN.md)")
     p.add_argument("--json", action="store_true", help="print one JSON document")

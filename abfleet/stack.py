@@ -15,7 +15,7 @@ import signal
 from pathlib import Path
 from typing import Callable
 
-from abfleet import airflow_local, fleet, monitoring, procs, registry, router
+from abfleet import airflow_local, fleet, migrations, monitoring, procs, registry, router
 from abfleet.procs import ProcessError, Service, answers_http, child_env, port_taken, venv_bin
 from abfleet.settings import Settings
 
@@ -131,7 +131,10 @@ def up(settings: Settings, *, candidate_weight: int | None = None, only: tuple[s
     """Start whatever is not running yet (all services, or `only` those named); return the status.
 
     Airflow (about 1 GB of memory) starts only with `with_airflow`; a running one is kept.
+    The store's migrations run first: servers never create or alter tables.
     """
+    settings.run_dir.mkdir(parents=True, exist_ok=True)  # the local store is a file in it
+    say(f"  store       {migrations.upgrade(settings.db_url).describe()}")
     weight = current_weight(settings) if candidate_weight is None else candidate_weight
     wanted = set(only) if only is not None else {s.name for s in services(settings)} - set(OPTIONAL)
     if with_airflow:

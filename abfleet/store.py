@@ -32,6 +32,8 @@ from abfleet.spool import PredictionSpool, SpoolReader, default_spool_dir
 if TYPE_CHECKING:
     from abfleet.settings import Settings
 
+# The tables at the newest migration: a change here needs a revision in abfleet/migrations/versions
+# (servers never create or alter tables; `abfleet db upgrade` does).
 metadata = sa.MetaData()
 
 predictions = sa.Table(
@@ -92,9 +94,6 @@ fleet_state = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
-
-# Nullable columns added after their table was first released: `init_schema` adds them to older stores.
-ADDED_COLUMNS = [(feedback, "user_id")]
 
 FEEDBACK_KIND = {"rating": "rating", "accurate": "quick", "too_high": "quick", "too_low": "quick", "actual_price": "actual_price"}
 
@@ -224,28 +223,11 @@ class Store:
                 conn.execute(predictions.insert(), list(fresh.values()))
 
     def init_schema(self) -> None:
-        """Create missing tables and add the columns that tables created by an earlier version
-        lack (idempotent; safe when several workers start at once)."""
-        try:
-            metadata.create_all(self.engine)
-        except sa.exc.OperationalError:
-            metadata.create_all(self.engine)  # another worker raced us to CREATE TABLE
-        self._add_missing_columns()
+        """Bring the database's schema to the newest migration (`abfleet.migrations.upgrade`:
+        idempotent, one migrator at a time). Commands and tests call it; servers never do."""
+        from abfleet import migrations
 
-    def _add_missing_columns(self) -> None:
-        # A stopgap until schema migrations have their own tool: nullable columns added since
-        # a table was first created, added in place so existing stores keep working.
-        for table, column in ADDED_COLUMNS:
-            if column in {c["name"] for c in sa.inspect(self.engine).get_columns(table.name)}:
-                continue
-            kind = table.c[column].type.compile(dialect=self.engine.dialect)
-            try:
-                with self.engine.begin() as conn:
-                    conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column} {kind}")
-            except sa.exc.DBAPIError:
-                # Another worker added it first; anything else is still a failure.
-                if column not in {c["name"] for c in sa.inspect(self.engine).get_columns(table.name)}:
-                    raise
+        migrations.upgrade(self.url)
 
     def ping(self) -> bool:
         try:
@@ -431,7 +413,8 @@ _POSTGRES_INSERT_SPOOLED = sa.text(
 
 @contextlib.contextmanager
 def open_store(settings: "Settings", *, create_schema: bool = True) -> Iterator[Store]:
-    """The fleet's prediction store for the length of a `with` block, closed afterwards."""
+    """The fleet's prediction store for the length of a `with` block, closed afterwards; with
+    `create_schema`, its migrations run first (a command's own tables; never a server's)."""
     store = Store(settings.db_url, spool_dir=settings.spool_dir or None)
     try:
         if create_schema:

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import requests
 
-from abfleet import api, data, procs, router
+from abfleet import api, data, migrations, procs, router
 from abfleet.procs import free_port
 from abfleet.settings import Settings
 
-__all__ = ["ROOT", "OUTPUT_DIR", "free_port", "wait_for", "fleet_settings", "start_model_server", "health", "answering", "Load"]
+__all__ = ["ROOT", "OUTPUT_DIR", "free_port", "wait_for", "fleet_settings", "migrate", "start_model_server", "health",
+           "answering", "Load"]
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_DIR = ROOT / "test-output"
@@ -41,6 +42,13 @@ def fleet_settings(run_dir: Path, **overrides) -> Settings:
     # The tests drive many users' traffic from one address: the router's limits are for people.
     defaults = {"reload_interval": 2.0, "admin_token": "test-token", **router.ONE_ADDRESS_LIMITS}
     return Settings(run_dir=run_dir, **{**defaults, **ports, **overrides})
+
+
+def migrate(settings: Settings) -> Settings:
+    """Create the store's tables as `abfleet db upgrade` does before servers start (a server
+    never creates them); returns the settings, for use in an expression."""
+    migrations.upgrade(settings.db_url)
+    return settings
 
 
 def start_model_server(settings: Settings, variant: str = "production", *, log: Path, metrics_dir: Path,

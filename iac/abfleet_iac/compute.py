@@ -26,6 +26,9 @@ from abfleet_iac._util import policy_output, tags_for
 # before the first model is trained. Readiness is /api/ready.
 LIVENESS = "import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/api/live', timeout=4)"
 
+# The container of a model server's task that runs the store's migrations before the server.
+MIGRATE_CONTAINER = "migrate"
+
 # MLflow's task first makes sure its database exists on the shared RDS instance.
 CREATE_DATABASE = (
     "import os, psycopg2\n"
@@ -227,10 +230,21 @@ class Compute(pulumi.ComponentResource):
                                       connect("mlflow", args.mlflow_port))
 
         # ---- model servers -----------------------------------------------------------------
+        # Each task first runs the store's migrations (`abfleet db upgrade`: idempotent, one
+        # migrator at a time) in a container that exits; servers never run DDL. The server
+        # waits for it to finish, not to succeed: with the database down, a replacement
+        # server still starts and answers (its predictions wait in the spool).
         def model_containers(variant: str) -> list:
+            database_url = [{"name": "DATABASE_URL", "valueFrom": args.database_url_secret_arn}]
             return [{
+                "name": MIGRATE_CONTAINER, "image": image("inference"), "essential": False,
+                "command": ["abfleet", "db", "upgrade"],
+                "secrets": database_url,
+                "logConfiguration": logging(variant),
+            }, {
                 "name": "server", "image": image("inference"), "essential": True,
                 "command": ["abfleet", "serve"],
+                "dependsOn": [{"containerName": MIGRATE_CONTAINER, "condition": "COMPLETE"}],
                 "portMappings": [{"name": "http", "containerPort": args.model_port, "protocol": "tcp", "appProtocol": "http"}],
                 "environment": [
                     {"name": "VARIANT", "value": variant},
@@ -241,7 +255,7 @@ class Compute(pulumi.ComponentResource):
                     {"name": "MLFLOW_TRACKING_URI", "value": f"http://mlflow:{args.mlflow_port}"},
                     {"name": "AWS_DEFAULT_REGION", "value": args.region},
                 ],
-                "secrets": [{"name": "DATABASE_URL", "valueFrom": args.database_url_secret_arn}],
+                "secrets": database_url,
                 "healthCheck": {"command": ["CMD", "python", "-c", LIVENESS.format(port=args.model_port)],
                                 "interval": 15, "timeout": 5, "retries": 3, "startPeriod": 60},
                 "logConfiguration": logging(variant),

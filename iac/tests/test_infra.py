@@ -356,6 +356,23 @@ def test_task_definitions_keep_secrets_out_of_the_environment(program):
             assert TEST_CONFIG["abfleet:dbPassword"] not in text
 
 
+def test_model_tasks_migrate_the_store_before_the_server_starts(program):
+    families = set()
+    for td in of_type(program, "aws:ecs/taskDefinition:TaskDefinition"):
+        containers = {c["name"]: c for c in json.loads(td.inputs["containerDefinitions"])}
+        if "server" not in containers:
+            continue
+        families.add(td.inputs["family"].rsplit("-", 1)[-1])
+        migrate, server = containers["migrate"], containers["server"]
+        assert migrate["command"] == ["abfleet", "db", "upgrade"] and migrate["essential"] is False
+        assert migrate["image"] == server["image"], "the migration runs the servers' own code"
+        assert migrate["secrets"] == server["secrets"], "the migration and the server use one database"
+        assert not migrate.get("portMappings")
+        # Finished, not necessarily succeeded: a server starts without its database.
+        assert server["dependsOn"] == [{"containerName": "migrate", "condition": "COMPLETE"}]
+    assert families == {"production", "candidate"}
+
+
 def test_router_and_servers_share_one_candidate_weight(program):
     weights = {}
     for td in of_type(program, "aws:ecs/taskDefinition:TaskDefinition"):

@@ -29,12 +29,8 @@ _multiproc = _settings.metrics_dir
 def on_starting(server):
     shutil.rmtree(_multiproc, ignore_errors=True)
     _multiproc.mkdir(parents=True, exist_ok=True)
-    # Create the tables once, in the master: workers racing to CREATE TABLE on PostgreSQL
-    # fail with a unique violation, and a worker that fails to boot stops gunicorn.
-    from abfleet.store import open_store
-
-    with open_store(_settings):
-        pass
+    # No database work here: a server never creates or alters tables (`abfleet db upgrade`
+    # does, before servers start) and boots without the database (answers wait in the spool).
 
 
 def child_exit(server, worker):

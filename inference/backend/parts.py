@@ -43,7 +43,6 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
 
     metrics = ServerMetrics(CollectorRegistry())
     store = store or Store.from_settings(settings)  # the spool folder readers look in too
-    store.init_schema()
 
     def on_backlog(rows: int, nbytes: int) -> None:  # after every flush, from the spool's thread
         metrics.spool_rows.set(rows)

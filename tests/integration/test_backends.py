@@ -13,7 +13,7 @@ import requests
 
 from abfleet import procs
 from abfleet.api import FLAT
-from tests.helpers import fleet_settings, free_port, wait_for
+from tests.helpers import fleet_settings, free_port, migrate, wait_for
 from tests.helpers import health, start_model_server
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ def test_every_answered_prediction_is_stored_in_postgresql(fleet, postgres_url, 
     from abfleet.store import Store
 
     port = free_port()
-    settings = fleet.settings.replace(database_url=postgres_url, production_port=port)
+    settings = migrate(fleet.settings.replace(database_url=postgres_url, production_port=port))
     proc = start_model_server(settings, "production", log=tmp_path / "production.log",
                               metrics_dir=tmp_path / "metrics-production")
     try:
@@ -47,6 +47,40 @@ def test_every_answered_prediction_is_stored_in_postgresql(fleet, postgres_url, 
         store.engine.dispose()
     finally:
         procs.stop_child(proc, timeout=30)
+
+
+def test_a_server_starts_and_answers_without_its_database(fleet, tmp_path):
+    """A replacement server boots while its database is down (here: a PostgreSQL URL where
+    nothing listens): it runs no DDL, answers predictions, and keeps them in its spool."""
+    import shutil
+
+    from abfleet.spool import SpoolReader, default_spool_dir
+
+    port = free_port()
+    db_url = f"postgresql+psycopg2://abfleet@127.0.0.1:{free_port()}/abfleet"
+    settings = fleet.settings.replace(database_url=db_url, production_port=port)
+    spool = default_spool_dir(db_url)  # where a server of this URL spools (the URL's own folder)
+    proc = start_model_server(settings, "production", log=tmp_path / "production.log",
+                              metrics_dir=tmp_path / "metrics-production")
+    try:
+        url = f"http://{settings.host}:{port}"
+        try:
+            wait_for(lambda: health(url).get("model_version") == fleet.versions["production"], 90,
+                     what="a server without its database")
+        except AssertionError:
+            raise AssertionError(f"{health(url)}\n{(tmp_path / 'production.log').read_text()[-3000:]}") from None
+        assert health(url)["store_reachable"] is False
+        ids = []
+        for i in range(20):
+            r = requests.post(f"{url}/api/predict_home_price", json={**FLAT, "bhk": 1 + i % 4},
+                              headers={"X-User-Id": f"nodb-{i}"}, timeout=20)
+            assert r.status_code == 200, r.text
+            ids.append(r.json()["prediction_id"])
+        reader = SpoolReader(spool, lambda lines, values: None)
+        assert all(reader.find_line(pid) for pid in ids), "an answered prediction is not in the spool"
+    finally:
+        procs.stop_child(proc, timeout=30)
+        shutil.rmtree(spool, ignore_errors=True)
 
 
 @pytest.fixture

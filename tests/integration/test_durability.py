@@ -15,7 +15,7 @@ import requests
 
 from abfleet import procs
 from abfleet.api import FLAT
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, migrate, wait_for
 from tests.helpers import health, start_model_server
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def stored_ids(db: Path) -> set[str]:
 def test_answered_predictions_survive_a_sigkill_mid_burst(fleet, tmp_path):
     port = free_port()
     db = tmp_path / "durable.db"
-    settings = fleet.settings.replace(run_dir=tmp_path / "run", database_url=f"sqlite:///{db}", production_port=port)
+    settings = migrate(fleet.settings.replace(run_dir=tmp_path / "run", database_url=f"sqlite:///{db}", production_port=port))
     url = f"http://{settings.host}:{port}"
     version = fleet.versions["production"]
 

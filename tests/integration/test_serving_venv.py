@@ -29,6 +29,12 @@ def test_a_venv_with_only_serving_dependencies_serves_predictions(fleet, tmp_pat
 
     port = free_port()
     settings = fleet.settings.replace(database_url=f"sqlite:///{tmp_path / 'store.db'}", production_port=port)
+    # The migrations ship in the installed package: its own command creates the tables.
+    env = procs.child_env(settings)
+    env.pop("PYTHONPATH", None)
+    upgrade = subprocess.run([str(env_dir / "bin" / "abfleet"), "db", "upgrade"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+    assert upgrade.returncode == 0 and "upgraded from an empty database to" in upgrade.stdout, upgrade.stderr[-3000:]
     server = start_model_server(settings, "production", log=tmp_path / "server.log", metrics_dir=tmp_path / "metrics",
                                 abfleet=env_dir / "bin" / "abfleet", cwd=tmp_path, inherit_pythonpath=False)
     try:

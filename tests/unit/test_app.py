@@ -12,6 +12,7 @@ from abfleet.settings import Settings
 from abfleet.store import Store
 from inference.backend.app import create_app
 from inference.backend.parts import stop_background
+from tests.helpers import migrate
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def predictor(tiny_predictor):
 @pytest.fixture
 def app(tmp_path, predictor):
     settings = Settings(run_dir=tmp_path, variant="candidate", admin_token="secret")
-    store = Store(settings.db_url)
+    store = Store(migrate(settings).db_url)
     app = create_app(settings, holder=ModelHolder.fixed(settings, predictor, "7"), store=store)
     app.extensions["abfleet"]["database"].check()  # the first background ping, done before the test
     yield app
@@ -190,7 +191,7 @@ def test_feedback_after_the_window_is_gone(app, client):
 
 def test_the_window_is_a_setting(tmp_path, predictor):
     settings = Settings(run_dir=tmp_path, feedback_window_days=0.5)
-    store = Store(settings.db_url)
+    store = Store(migrate(settings).db_url)
     app = create_app(settings, holder=ModelHolder.fixed(settings, predictor, "7"), store=store)
     try:
         client = app.test_client()
@@ -294,7 +295,7 @@ def test_health_and_503s_say_nothing_internal(tmp_path, caplog):
     holder.wanted = broken
     assert holder.refresh() is False
     assert SECRET in caplog.text  # the detail is in the log
-    store = Store(settings.db_url)
+    store = Store(migrate(settings).db_url)
     app = create_app(settings, holder=holder, store=store)
     try:
         client = app.test_client()

@@ -90,7 +90,7 @@ def test_compose_files_parse_and_know_each_other():
     core, ab = services("docker-compose.yaml"), services("docker-compose.ab.yml")
     assert {"postgres", "minio", "minio-init", "mlflow", "prometheus", "airflow-init", "airflow-api-server",
             "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"} <= set(core)
-    assert set(ab) == {*MODEL_SERVERS, "router", TASK_RUNNER}
+    assert set(ab) == {*MODEL_SERVERS, "router", TASK_RUNNER, "migrate"}
     assert set(ab[TASK_RUNNER]) == {"environment"}, f"docker-compose.ab.yml only adds environment to {TASK_RUNNER}"
     merged = {**core, **{name: svc for name, svc in ab.items() if name != TASK_RUNNER}}
     for f, name, svc in all_services():
@@ -101,6 +101,17 @@ def test_compose_files_parse_and_know_each_other():
                 "service_started", "service_healthy", "service_completed_successfully"), (name, dep, cond)
             if (cond or {}).get("condition") == "service_healthy":
                 assert merged[dep].get("healthcheck"), f"{name} waits for {dep} to be healthy, but {dep} has no healthcheck"
+
+
+def test_model_servers_start_after_the_one_off_migration():
+    ab = services("docker-compose.ab.yml")
+    migrate = ab["migrate"]
+    assert migrate["command"] == ["abfleet", "db", "upgrade"] and migrate["restart"] == "no"
+    assert migrate["image"] == ab["infer-prod"]["image"], "the migration runs the servers' own code"
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in MODEL_SERVERS:
+        assert ab[name]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}, name
+        assert ab[name]["environment"]["DATABASE_URL"] == migrate["environment"]["DATABASE_URL"], name
 
 
 def test_build_contexts_and_dockerfiles_exist():

@@ -17,6 +17,7 @@ from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
 from abfleet.store import Store
 from inference.backend.app import create_app
+from tests.helpers import migrate
 
 LEAN = "application/json"
 VIEW = "application/json; charset=utf-8"  # not the lean handler's exact type: Flask's view answers
@@ -33,7 +34,7 @@ def make_app(tmp_path, holder_of):
     """An app whose requests say which path answered them (`app.paths`) and how many times
     the prediction service was asked (`app.answers`)."""
     settings = Settings(run_dir=tmp_path, variant="production")
-    app = create_app(settings, holder=holder_of(settings), store=Store(settings.db_url))
+    app = create_app(settings, holder=holder_of(settings), store=Store(migrate(settings).db_url))
     app.flask_requests, app.answers = [], []
 
     def flask_saw(sender, **_extra) -> None:

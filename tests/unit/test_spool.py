@@ -17,6 +17,7 @@ from abfleet.settings import Settings, default_run_dir
 from abfleet.spool import PredictionSpool, default_spool_dir
 from abfleet.store import PREDICTION_COLUMNS, Duplicate, NotFound, Store, predictions
 from inference.backend.app import create_app
+from tests.helpers import migrate
 
 
 def prediction(**changes) -> dict:
@@ -160,7 +161,7 @@ def test_feedback_right_after_predict_on_another_worker(tmp_path, tiny_predictor
     """Two app instances (two gunicorn workers) on one database: the rating reaches a worker
     that never saw the prediction, before any batch was inserted."""
     fast = tiny_predictor
-    settings = Settings(run_dir=tmp_path, variant="production")
+    settings = migrate(Settings(run_dir=tmp_path, variant="production"))
     apps = [create_app(settings, holder=ModelHolder.fixed(settings, fast, "1"), store=Store(settings.db_url))
             for _ in range(2)]
     for app in apps:
