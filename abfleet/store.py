@@ -142,8 +142,12 @@ class Store:
         else:
             kwargs["pool_timeout"] = connect_timeout  # waiting for a pooled connection
         if url.startswith("postgresql"):
+            # Options the URL already has (a search_path, say) are kept: connect_args replace them.
+            given = sa.engine.make_url(url).query.get("options", "")
             kwargs["connect_args"] = {"connect_timeout": max(1, math.ceil(connect_timeout)),  # libpq: whole seconds
-                                      "options": f"-c statement_timeout={round(statement_timeout * 1000)}"}
+                                      "options": " ".join(filter(None, [
+                                          given if isinstance(given, str) else " ".join(given),
+                                          f"-c statement_timeout={round(statement_timeout * 1000)}"]))}
         self.engine = sa.create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", functools.partial(_sqlite_pragmas, busy_ms=round(statement_timeout * 1000)))

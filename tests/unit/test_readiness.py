@@ -17,7 +17,7 @@ from abfleet.settings import Settings
 from abfleet.store import Store
 from inference.backend.app import create_app
 from inference.backend.parts import stop_background
-from tests.helpers import wait_for
+from tests.helpers import migrate, wait_for
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def make_app(tmp_path, tiny_predictor):
     def make(*, model: bool = True, **overrides):
         settings = Settings(run_dir=tmp_path, **overrides)
         holder = ModelHolder.fixed(settings, tiny_predictor, "7") if model else ModelHolder(settings)
-        store = Store.from_settings(settings)
+        store = Store.from_settings(migrate(settings))
         app = create_app(settings, holder=holder, store=store)
         made.append(app)
         return app

@@ -21,6 +21,7 @@ from abfleet.spool import CHUNK_ROWS, PredictionSpool, SpoolFull
 from abfleet.spool_segment import Segment
 from abfleet.store import PREDICTION_COLUMNS, Store, predictions
 from inference.backend.app import create_app
+from tests.helpers import migrate
 
 
 def prediction() -> dict:
@@ -237,7 +238,7 @@ def test_a_flush_inserts_in_chunks_and_a_failed_chunk_stays_spooled(store):
 @pytest.fixture
 def app(tmp_path, tiny_predictor):
     settings = Settings(run_dir=tmp_path, variant="production")
-    app = create_app(settings, holder=ModelHolder.fixed(settings, tiny_predictor, "3"), store=Store(settings.db_url))
+    app = create_app(settings, holder=ModelHolder.fixed(settings, tiny_predictor, "3"), store=Store(migrate(settings).db_url))
     app.extensions["abfleet"]["store"].spool.linger = 3600
     yield app
     app.extensions["abfleet"]["store"].stop_spool()
@@ -274,7 +275,7 @@ def test_the_bounds_are_settings_a_server_hands_to_its_spool(tmp_path, tiny_pred
     settings = Settings.from_env({"ABFLEET_SPOOL_MAX_ROWS": "7", "ABFLEET_SPOOL_MAX_BYTES": "65536"}, run_dir=tmp_path)
     assert (settings.spool_max_rows, settings.spool_max_bytes) == (7, 65536)
     assert (Settings().spool_max_rows, Settings().spool_max_bytes) == (200_000, 256 << 20)
-    app = create_app(settings, holder=ModelHolder.fixed(settings, tiny_predictor, "3"), store=Store(settings.db_url))
+    app = create_app(settings, holder=ModelHolder.fixed(settings, tiny_predictor, "3"), store=Store(migrate(settings).db_url))
     spool = app.extensions["abfleet"]["store"].spool
     try:
         assert (spool.max_rows, spool.max_bytes) == (7, 65536)
