@@ -156,7 +156,13 @@ class Settings:
     # ---- derived locations -------------------------------------------------
     @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.run_dir / 'store.db'}"
+        """The store's SQLAlchemy URL. A plain `postgresql://` (what compose, RDS and most
+        tools write) names the driver that is installed: SQLAlchemy 2.1 would pick psycopg 3."""
+        url = self.database_url or f"sqlite:///{self.run_dir / 'store.db'}"
+        for plain in ("postgresql://", "postgres://"):
+            if url.startswith(plain):
+                return "postgresql+psycopg2://" + url[len(plain):]
+        return url
 
     @property
     def tracking_uri(self) -> str:

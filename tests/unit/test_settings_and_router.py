@@ -23,7 +23,9 @@ def test_defaults_are_the_local_stack():
 def test_environment_overrides_with_types():
     s = Settings.from_env({"ABFLEET_ROUTER_PORT": "7100", "DATABASE_URL": "postgresql://x/y", "VARIANT": "candidate",
                            "ABFLEET_RELOAD_INTERVAL": "2.5", "ABFLEET_RUN_DIR": "/tmp/somewhere"})
-    assert s.router_port == 7100 and s.db_url == "postgresql://x/y" and s.variant == "candidate"
+    # A plain postgresql:// URL names the installed driver (SQLAlchemy 2.1 would pick psycopg 3).
+    assert s.router_port == 7100 and s.db_url == "postgresql+psycopg2://x/y" and s.variant == "candidate"
+    assert Settings(database_url="postgresql+psycopg2://a/b").db_url == "postgresql+psycopg2://a/b"
     assert s.reload_interval == 2.5 and s.run_dir == Path("/tmp/somewhere")
     assert s.env()["ABFLEET_ROUTER_PORT"] == "7100" and s.env()["VARIANT"] == "candidate"
 
