@@ -15,7 +15,7 @@ import requests
 from abfleet import procs
 from abfleet.api import FLAT, PREDICT
 from abfleet.store import Store
-from tests.helpers import free_port, health, start_model_server, wait_for
+from tests.helpers import free_port, health, migrate, start_model_server, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def test_a_full_spool_disk_is_a_503_with_retry_after_and_recovers_when_space_ret
     settings = fleet.settings.replace(run_dir=tmp_path / "run", database_url=f"sqlite:///{db}", production_port=port,
                                       spool_dir=str(small_disk), spool_linger=3600.0, workers=1)
     url = f"http://{settings.host}:{port}"
-    server = start_model_server(settings, "production", log=tmp_path / "server.log", metrics_dir=tmp_path / "metrics")
+    server = start_model_server(migrate(settings), "production", log=tmp_path / "server.log", metrics_dir=tmp_path / "metrics")
     answered: list[str] = []
     try:
         try:
