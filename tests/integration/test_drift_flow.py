@@ -13,6 +13,7 @@ import requests
 from abfleet import airflow_local, data, registry
 from abfleet.model import FastPredictor
 from abfleet.store import Store
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -91,5 +92,7 @@ def test_api_serves_the_latest_drift_summary(fleet):
                                       "columns": {"bhk": {"test": "t", "score": 0.3, "drifted": True}}, "report": "x"})
     r = requests.get(f"{fleet.router_url}/api/drift_report", timeout=10)
     assert r.status_code == 200 and r.json()["drifted_columns"] == ["bhk"]
-    text = fleet.metrics_text("production")
-    assert "abfleet_drift_detected 1.0" in text and 'abfleet_drift_column_score{column="bhk"} 0.3' in text
+    # The servers read the store's fleet state on a background thread, never on a scrape.
+    exported = ("abfleet_drift_detected 1.0", 'abfleet_drift_column_score{column="bhk"} 0.3')
+    wait_for(lambda: all(line in fleet.metrics_text("production") for line in exported), 30, 0.5,
+             what="the production server to export the new drift summary")
