@@ -51,7 +51,9 @@ def wait_serving(settings: Settings, versions: dict[str, str], timeout: float = 
         url = f"{settings.server_url(variant)}{api.HEALTH}"
         while True:
             try:
-                if requests.get(url, timeout=3).json().get("model_version") == versions[variant]:
+                # Several answers in a row, on fresh connections: each gunicorn worker loads the
+                # model by itself, and one that has it does not speak for the others.
+                if all(requests.get(url, timeout=3).json().get("model_version") == versions[variant] for _ in range(6)):
                     break
             except (requests.RequestException, ValueError):
                 pass

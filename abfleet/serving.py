@@ -139,7 +139,10 @@ class ModelHolder:
         def loop() -> None:
             while True:
                 self.refresh()
-                self._wake.wait(self.settings.reload_interval)
+                # A worker with nothing to serve looks again within a second: a reload call
+                # reaches one worker of a server, and the others must not answer 503 for long.
+                idle = self.settings.reload_interval if self.current is not None else min(1.0, self.settings.reload_interval)
+                self._wake.wait(idle)
                 self._wake.clear()
 
         thread = threading.Thread(target=loop, name="model-watcher", daemon=True)
