@@ -19,7 +19,7 @@ from abfleet.procs import free_port
 from abfleet.settings import Settings
 
 __all__ = ["ROOT", "OUTPUT_DIR", "free_port", "wait_for", "fleet_settings", "migrate", "start_model_server", "health",
-           "answering", "Load"]
+           "answering", "Load", "family"]
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_DIR = ROOT / "test-output"
@@ -152,3 +152,17 @@ class Load:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join(30)
+
+
+def family(pid: int) -> list[int]:
+    """`pid` and its child processes (a PostgreSQL server: the postmaster and its backends; a gunicorn
+    master and its workers)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return [pid, *children]

@@ -13,13 +13,16 @@ config the stack rendered (the webhook included) with only its grouping wait sho
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import requests
 import yaml
 
-from abfleet import stack
+from abfleet import api, stack
 from abfleet.settings import project_root
-from tests.helpers import answering, fleet_settings, wait_for
+from tests.helpers import answering, family, fleet_settings, health, wait_for
+from tests.pg import postgres_server
 
 pytestmark = pytest.mark.slow
 
@@ -27,9 +30,9 @@ ALERT = "AbfleetCandidateNotReady"
 SHORT_FOR = "3s"
 
 
-def speed_up_prometheus(settings, rules_dir) -> None:
+def speed_up_prometheus(settings, rules_dir, alert: str = ALERT) -> None:
     """Rewrite the rendered prometheus.yml for the test: 1s intervals, the project's rule files
-    copied with ALERT's `for:` shortened; then let the running Prometheus reload it."""
+    copied with `alert`'s `for:` shortened; then let the running Prometheus reload it."""
     path = settings.run_dir / "prometheus.yml"
     config = yaml.safe_load(path.read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
@@ -39,13 +42,13 @@ def speed_up_prometheus(settings, rules_dir) -> None:
         rules = yaml.safe_load(source.read_text())
         for group in rules["groups"]:
             for rule in group["rules"]:
-                if rule.get("alert") == ALERT:
+                if rule.get("alert") == alert:
                     rule["for"] = SHORT_FOR
                     shortened += 1
         copy = rules_dir / source.name
         copy.write_text(yaml.safe_dump(rules, sort_keys=False))
         copies.append(str(copy))
-    assert shortened == 1, f"{ALERT} not found once in monitoring/rules"
+    assert shortened == 1, f"{alert} not found once in monitoring/rules"
     config["rule_files"] = copies
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     prom = settings.local_url(settings.prometheus_port)
@@ -53,8 +56,8 @@ def speed_up_prometheus(settings, rules_dir) -> None:
 
     def reloaded():
         groups = requests.get(f"{prom}/api/v1/rules", timeout=5).json()["data"]["groups"]
-        return any(r["name"] == ALERT and r["duration"] == 3 for g in groups for r in g["rules"])
-    wait_for(reloaded, 30, what=f"Prometheus to load the rules with {ALERT} for: {SHORT_FOR}")
+        return any(r["name"] == alert and r["duration"] == 3 for g in groups for r in g["rules"])
+    wait_for(reloaded, 30, what=f"Prometheus to load the rules with {alert} for: {SHORT_FOR}")
 
 
 def speed_up_alertmanager(settings) -> None:
@@ -70,10 +73,10 @@ def speed_up_alertmanager(settings) -> None:
              30, what="Alertmanager to load the shortened group_wait")
 
 
-def alert_posts(seen: list[dict]) -> list[dict]:
-    """Alertmanager's webhook POSTs among the receiver's requests that carry ALERT."""
+def alert_posts(seen: list[dict], alert: str = ALERT) -> list[dict]:
+    """Alertmanager's webhook POSTs among the receiver's requests that carry `alert`."""
     return [r for r in seen if r["method"] == "POST" and r["json"]
-            and any(a["labels"].get("alertname") == ALERT for a in r["json"].get("alerts", []))]
+            and any(a["labels"].get("alertname") == alert for a in r["json"].get("alerts", []))]
 
 
 def test_a_candidate_with_no_model_is_reported_to_the_webhook_by_alertmanager(tmp_path):
@@ -108,3 +111,75 @@ def test_a_candidate_with_no_model_is_reported_to_the_webhook_by_alertmanager(tm
     assert alert["labels"]["severity"] == "warning"
     assert alert["annotations"]["runbook"] == "README.md#abfleetcandidatenotready"
     assert alert["annotations"]["summary"].startswith("candidate (")
+
+
+SPOOL_ALERT = "AbfleetSpoolRefusing"
+SPOOL_CAP = 10000  # rows per spool, i.e. per gunicorn worker process
+ROW_BUDGET = 512  # bytes of anonymous memory a spooled row may cost a worker (the old spool: ~766 B)
+
+
+def anonymous_memory(pid: int) -> int:
+    """Bytes of anonymous (heap) memory of `pid` and its children: the spool's mmap'd segments
+    are file pages, on disk, and not counted."""
+    total = 0
+    for p in family(pid):
+        status = (Path("/proc") / str(p) / "status").read_text()
+        total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssAnon:"))) * 1024
+    return total
+
+
+def test_a_full_spool_answers_503_and_alertmanager_tells_the_webhook(fleet, tmp_path):
+    """The database is down long enough for the spool to reach its row cap: predictions get 503
+    with Retry-After, the server's heap grows by less than the cap's budget, and
+    AbfleetSpoolRefusing reaches the webhook through Alertmanager. When the database returns,
+    the spool drains and predictions are answered again."""
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    with postgres_server() as pg, answering(200) as (url, seen):
+        settings = fleet_settings(tmp_path / "run", webhook_url=f"{url}/alerts", database_url=pg.url,
+                                  mlflow_port=fleet.settings.mlflow_port, spool_dir=str(tmp_path / "spool"),
+                                  spool_max_rows=SPOOL_CAP)
+        server = f"http://{settings.host}:{settings.production_port}"
+        try:
+            stack.up(settings, only=("production", "alertmanager", "prometheus"), say=lambda _m: None)
+            speed_up_alertmanager(settings)
+            speed_up_prometheus(settings, rules_dir, SPOOL_ALERT)
+            wait_for(lambda: health(server).get("model_loaded"), 90, what="the server to load its model")
+            session = requests.Session()
+            for i in range(50):  # warm: every worker has answered and flushed
+                assert session.post(f"{server}{api.PREDICT}", json=api.FLAT, timeout=30).status_code == 200
+            pid = stack.running_pid(settings, next(s for s in stack.services(settings) if s.name == "production"))
+            before = anonymous_memory(pid)
+
+            pg.stop("fast")
+            statuses: dict[int, int] = {}
+            refused = []
+            for i in range(SPOOL_CAP + 500):
+                r = session.post(f"{server}{api.PREDICT}", json={**api.FLAT, "bhk": 1 + i % 4}, timeout=30)
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                if r.status_code == 503:
+                    refused.append(r)
+            grown = anonymous_memory(pid) - before
+            assert set(statuses) == {200, 503}, statuses
+            # One keep-alive connection reaches one worker: its spool takes SPOOL_CAP rows (the
+            # warm-up's last ones among them if they were still waiting), then refuses.
+            assert statuses[200] >= SPOOL_CAP - 50, statuses
+            assert all(r.headers.get("Retry-After", "").isdigit() for r in refused), refused[0].headers
+            assert "try again in" in refused[0].json()["error"], refused[0].json()
+            budget = SPOOL_CAP * ROW_BUDGET
+            assert grown < budget, f"the server's heap grew by {grown} B for a full spool; budget {budget} B"
+            print(f"{statuses}; heap grew {grown / 2**20:.1f} MiB for {SPOOL_CAP} spooled rows "
+                  f"(budget {budget / 2**20:.1f} MiB)")
+
+            posts = wait_for(lambda: alert_posts(seen, SPOOL_ALERT), 120, interval=1.0,
+                             what=f"Alertmanager to POST {SPOOL_ALERT} to the webhook")
+            (alert,) = [a for a in posts[0]["json"]["alerts"] if a["labels"]["alertname"] == SPOOL_ALERT]
+            assert alert["status"] == "firing" and alert["labels"]["severity"] == "critical", alert
+            assert alert["labels"]["fleet_variant"] == "production", alert
+            assert alert["annotations"]["runbook"] == "README.md#abfleetspoolrefusing"
+
+            pg.start()
+            wait_for(lambda: session.post(f"{server}{api.PREDICT}", json=api.FLAT, timeout=30).status_code == 200,
+                     120, what="predictions to be answered again once the spool drains")
+        finally:
+            stack.down(settings, say=lambda _m: None)
