@@ -26,6 +26,13 @@ from abfleet_iac._util import policy_output, tags_for
 # before the first model is trained. Readiness is /api/ready.
 LIVENESS = "import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/api/live', timeout=4)"
 
+# Seconds ECS waits after SIGTERM before it kills a model server (Fargate allows up to 120):
+# room for gunicorn's graceful shutdown (20 s), in which every worker inserts its spool. The
+# spool is on the task's ephemeral storage: rows the database does not take by then are lost
+# with the task, so a deploy or scale-in during a database outage is the one case that loses
+# answers on AWS (compose keeps the spool on a volume).
+SERVER_STOP_TIMEOUT_S = 60
+
 # The container of a model server's task that runs the store's migrations before the server.
 MIGRATE_CONTAINER = "migrate"
 
@@ -256,6 +263,9 @@ class Compute(pulumi.ComponentResource):
                     {"name": "AWS_DEFAULT_REGION", "value": args.region},
                 ],
                 "secrets": database_url,
+                # A stopping task first drains: gunicorn's workers finish their requests and
+                # insert their spool (graceful_timeout 20 s) before ECS kills the container.
+                "stopTimeout": SERVER_STOP_TIMEOUT_S,
                 "healthCheck": {"command": ["CMD", "python", "-c", LIVENESS.format(port=args.model_port)],
                                 "interval": 15, "timeout": 5, "retries": 3, "startPeriod": 60},
                 "logConfiguration": logging(variant),

@@ -370,6 +370,8 @@ def test_model_tasks_migrate_the_store_before_the_server_starts(program):
         assert not migrate.get("portMappings")
         # Finished, not necessarily succeeded: a server starts without its database.
         assert server["dependsOn"] == [{"containerName": "migrate", "condition": "COMPLETE"}]
+        # A stopping server drains its spool before it is killed (gunicorn's graceful 20 s).
+        assert 20 < server["stopTimeout"] <= 120, server.get("stopTimeout")
     assert families == {"production", "candidate"}
 
 

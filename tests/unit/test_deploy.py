@@ -114,6 +114,25 @@ def test_model_servers_start_after_the_one_off_migration():
         assert ab[name]["environment"]["DATABASE_URL"] == migrate["environment"]["DATABASE_URL"], name
 
 
+def test_each_variant_spools_on_a_volume_and_drains_before_it_is_killed():
+    ab = services("docker-compose.ab.yml")
+    compose = yaml.safe_load((ROOT / "docker-compose.ab.yml").read_text())
+    graceful = int(re.search(r"^graceful_timeout = (\d+)$", (ROOT / "inference/backend/gunicorn.conf.py").read_text(),
+                             re.M).group(1))
+    volumes = {}
+    for name in MODEL_SERVERS:
+        spool_dir = ab[name]["environment"]["ABFLEET_SPOOL_DIR"]
+        mounts = {m.split(":")[1]: m.split(":")[0] for m in ab[name]["volumes"]}
+        assert spool_dir in mounts, f"{name}: the spool folder {spool_dir} is not a volume: a redeploy would lose it"
+        volumes[name] = mounts[spool_dir]
+        assert volumes[name] in compose["volumes"], (name, volumes[name])
+        grace = ab[name]["stop_grace_period"]
+        assert grace.endswith("s") and int(grace[:-1]) > graceful, f"{name}: killed before gunicorn drains ({grace})"
+    assert len(set(volumes.values())) == len(MODEL_SERVERS), f"variants share a spool volume: {volumes}"
+    dockerfile = (ROOT / "inference/backend/Dockerfile").read_text()
+    assert "install -d -o abfleet -g abfleet /var/lib/abfleet/spool" in dockerfile, "the volume would be root's"
+
+
 def test_build_contexts_and_dockerfiles_exist():
     builds = 0
     for f, name, svc in all_services():
