@@ -33,6 +33,8 @@ SPOOL_BACKLOG_BYTES = "abfleet_spool_backlog_bytes"  # gauge (live sum over work
 SPOOL_REFUSED = "abfleet_spool_refused_total"  # counter: predictions refused (503) because the spool was full
 STORE_ERRORS = "abfleet_store_errors_total"  # counter; labels: operation (insert, feedback, read, metrics)
 FEEDBACK_FAILURES = "abfleet_feedback_failures_total"  # counter; labels: reason (store, spool)
+FEEDBACK_PENDING = "abfleet_feedback_pending"  # gauge (live sum over workers): received while the database faulted, not recorded yet
+FEEDBACK_PENDING_RESOLVED = "abfleet_feedback_pending_resolved_total"  # counter; labels: outcome (stored, duplicate, refused, expired)
 READY = "abfleet_ready"  # gauge (live min over workers): 1 when the server would pass /api/ready
 
 # Pipeline-side facts (drift, decisions, the router's weight): the production server exports
@@ -102,12 +104,31 @@ class ServerMetrics:
                                     registry=registry)
         self.feedback_failures = Counter(_strip_total(FEEDBACK_FAILURES), "Feedback not accepted because of a fault",
                                          ["reason"], registry=registry)
+        self.feedback_pending = Gauge(FEEDBACK_PENDING, "Feedback received while the database faulted, not recorded yet",
+                                      multiprocess_mode="livesum", registry=registry)
+        self.feedback_pending_resolved = Counter(_strip_total(FEEDBACK_PENDING_RESOLVED),
+                                                 "Pending feedback that left the feedback spool, by outcome", ["outcome"],
+                                                 registry=registry)
         self.ready = Gauge(READY, "1 when the server is ready (model loaded)", multiprocess_mode="livemin",
                            registry=registry)
         self.failovers = Counter(
             _strip_total(FAILOVERS), "Requests meant for the other variant, answered here",
             ["intended", "variant", "endpoint"], registry=registry,
         )
+
+    def count_feedback(self, row: dict) -> None:
+        """Count one stored feedback row (store.record_feedback's) into the experiment's counters."""
+        v, mv = row["variant"], row["model_version"]
+        if row["kind"] == "rating":
+            self.ratings.labels(v, mv, str(int(row["feedback_value"]))).inc()
+        elif row["kind"] == "quick":
+            self.quick.labels(v, mv, row["feedback_type"]).inc()
+        else:
+            # The APE is finite and capped (api.PriceBounds.ape): the three counters move together.
+            ape = row["ape"]
+            self.ape_count.labels(v, mv).inc()
+            self.ape_sum.labels(v, mv).inc(ape)
+            self.ape_sum_sq.labels(v, mv).inc(ape * ape)
 
     def prime(self, variant: str, version: str, endpoint: str) -> None:
         """Create this version's series at zero, so that Prometheus's increase() over the
@@ -120,6 +141,8 @@ class ServerMetrics:
             self.quick.labels(variant, version, kind)
         for counter in (self.ape_count, self.ape_sum, self.ape_sum_sq):
             counter.labels(variant, version)
+        for outcome in ("stored", "duplicate", "refused", "expired"):
+            self.feedback_pending_resolved.labels(outcome)
         for other in ("production", "candidate"):
             if other != variant:
                 self.failovers.labels(other, variant, endpoint)

@@ -111,6 +111,13 @@ class Settings:
     # is refused (503 with Retry-After) rather than held in memory and disk without end.
     spool_max_rows: int = 200_000
     spool_max_bytes: int = 256 << 20
+    # Feedback received while the database faults waits in a small feedback spool in the same
+    # folder (abfleet.feedback_spool) and is answered 202; beyond this many pending items per
+    # worker it is refused (503 with Retry-After). Pending feedback whose prediction is still
+    # unknown this many seconds after it was received is dropped (it never existed, or its
+    # spool was lost).
+    feedback_spool_max_rows: int = 10_000
+    feedback_pending_max_age_s: float = 3600.0
 
     # A hung database must not hang a server: a connection attempt, a statement, and a wait for
     # a pooled connection each give up after these many seconds (PostgreSQL's connect_timeout
@@ -264,7 +271,9 @@ class Settings:
         for name, floor in (("router_predict_burst", 0), ("router_feedback_burst", 0), ("router_connections_per_address", 1)):
             if getattr(self, name) < floor:
                 raise ValueError(f"ABFLEET_{name.upper()} must be at least {floor}, got {getattr(self, name)}")
-        for name in ("db_connect_timeout_s", "db_statement_timeout_s", "db_check_interval_s"):
+        if self.feedback_spool_max_rows < 0:
+            raise ValueError(f"ABFLEET_FEEDBACK_SPOOL_MAX_ROWS must be >= 0, got {self.feedback_spool_max_rows}")
+        for name in ("db_connect_timeout_s", "db_statement_timeout_s", "db_check_interval_s", "feedback_pending_max_age_s"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"ABFLEET_{name.upper()} must be a positive number of seconds, got {getattr(self, name)}")
         try:

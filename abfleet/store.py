@@ -293,10 +293,12 @@ class Store:
     def record_feedback(
         self, prediction_id: str, feedback_type: str, value: float | None, received_by: str | None = None, *,
         user_id: str | None = None, bounds: PriceBounds | None = None, prediction: dict | None = None,
+        received_at: dt.datetime | None = None,
     ) -> dict:
         """Store one piece of feedback from `user_id` against the prediction's own variant and
         version; an actual price gets its APE, bounded by `bounds` (default: api.PriceBounds()).
-        `prediction` is the prediction's row when the caller has read it already.
+        `prediction` is the prediction's row when the caller has read it already; `received_at`
+        the time the feedback came in when that was earlier than now (it waited in the feedback spool).
 
         Everything is computed before the row is written. Raises NotFound for an unknown
         prediction id, api.Refused for an actual price out of bounds, and Duplicate when feedback
@@ -311,7 +313,7 @@ class Store:
             ape = (bounds or PriceBounds()).ape(value, pred["estimated_price"])
         row = {
             "prediction_id": prediction_id,
-            "created_at": now(),
+            "created_at": received_at or now(),
             "kind": kind,
             "feedback_type": feedback_type,
             "feedback_value": value,

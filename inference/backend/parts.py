@@ -9,6 +9,7 @@ from typing import TypedDict
 from flask import Flask, current_app
 
 from abfleet import api, data
+from abfleet.feedback_spool import FOLDER, FeedbackSpool
 from abfleet.metrics import FleetStateCollector, ServerMetrics
 from abfleet.readiness import DatabaseCheck
 from abfleet.serving import Feedback, Loaded, ModelHolder, Predictions, RequestCounts
@@ -55,6 +56,14 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
     except OSError as exc:  # no writable spool folder: every answer waits for its INSERT, as before
         log.warning("prediction spool unavailable (%s): writing predictions straight to the database", exc)
 
+    # Feedback that meets a database fault waits in a small spool of its own and is answered 202.
+    try:
+        feedback_spool = FeedbackSpool(store.spool_dir / FOLDER, max_rows=settings.feedback_spool_max_rows,
+                                       on_change=metrics.feedback_pending.set)
+    except OSError as exc:  # no writable spool folder: such feedback gets a 503 with Retry-After, as before
+        log.warning("feedback spool unavailable (%s): feedback during a database fault is refused", exc)
+        feedback_spool = None
+
     variant = settings.variant
     metrics.ready.set(0)  # until the first model is swapped in
 
@@ -88,8 +97,14 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
     parts = Parts(settings=settings, holder=holder, store=store, metrics=metrics,
                   counts=RequestCounts(metrics, variant),
                   predictions=Predictions(holder, store, data.known_locations(), on_refused=metrics.spool_refused.inc),
-                  feedback=Feedback(store, settings),
+                  feedback=Feedback(store, settings, feedback_spool, on_store_error=metrics.store_errors.labels("feedback").inc,
+                                    on_stored=metrics.count_feedback),
                   fleet_registry=fleet_registry, database=database, fleet_state=fleet_state)
+    if feedback_spool is not None:
+        def on_resolved(outcome: str, _item) -> None:
+            metrics.feedback_pending_resolved.labels(outcome).inc()
+
+        feedback_spool.start(parts["feedback"].resolve, settings.db_check_interval_s, on_resolved)
     app.extensions[EXTENSION] = parts
     return parts
 
@@ -98,6 +113,8 @@ def stop_background(p: Parts) -> None:
     """Stop the threads `init_app` started that read the database (tests build many apps)."""
     p["database"].stop()
     p["fleet_state"].stop()
+    if p["feedback"].spool is not None:
+        p["feedback"].spool.close()
 
 
 def parts() -> Parts:

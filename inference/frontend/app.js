@@ -51,6 +51,7 @@ function initPage() {
   let locations = [];
   let current = null;   // {prediction_id} of the estimate on screen
   let requestSeq = 0;   // ignore answers to superseded submissions
+  const FEEDBACK_TRIES = 4;  // a 503 (the store is away, come back after Retry-After) is sent again, this many tries in all
 
   // Same-origin fetch; default credentials so the router's user-id cookie goes along.
   async function api(path, body) {
@@ -75,8 +76,15 @@ function initPage() {
         ? `The estimator is unavailable right now (error ${res.status}). Please try again in a moment.`
         : `The request was refused (error ${res.status}).`;
     }
-    return { ok: res.ok, status: res.status, data, message };
+    return { ok: res.ok, status: res.status, data, message, retryAfter: res.headers.get("Retry-After") };
   }
+
+  /** Seconds to wait before another try: the server's Retry-After (whole seconds), kept within 1..60; 5 without one. */
+  function retryDelay(header) {
+    const n = Number(header);
+    return header !== null && header !== "" && Number.isFinite(n) ? Math.min(60, Math.max(1, Math.ceil(n))) : 5;
+  }
+  const sleep = (s) => new Promise((done) => setTimeout(done, s * 1000));
 
   /* --- form errors --- */
   function clearErrors() {
@@ -222,20 +230,33 @@ function initPage() {
     fbOk.appendChild(line);
   }
 
-  // Sends one piece of feedback; on success or "already recorded" (409) the control is locked.
-  async function sendFeedback(kind, value, lock, thanks) {
+  // Sends one piece of feedback; on success, "saved, will be recorded" (202) or "already
+  // recorded" (409) the control is locked. A 503 is sent again after its Retry-After, a few
+  // times, saying so; then its message is shown and the control unlocked.
+  async function sendFeedback(kind, value, lock, thanks, saved) {
     if (!current) return;
     const pid = current.prediction_id;
     fbError.textContent = "";
     const body = { prediction_id: pid, feedback_type: kind };
     if (value !== undefined) body.feedback_value = value;
     lock(true);
-    const r = await api("/api/feedback", body);
-    if (!current || current.prediction_id !== pid) return;  // a new estimate replaced this one
-    if (r.ok) { addThanks(thanks); return true; }
-    fbError.textContent = r.message;
-    if (r.status !== 409) lock(false);
-    return false;
+    for (let attempt = 1; ; attempt++) {
+      const r = await api("/api/feedback", body);
+      if (!current || current.prediction_id !== pid) return;  // a new estimate replaced this one
+      if (r.status === 202) { fbError.textContent = ""; addThanks(saved); return true; }
+      if (r.ok) { fbError.textContent = ""; addThanks(thanks); return true; }
+      if (r.status === 503 && attempt < FEEDBACK_TRIES) {
+        const wait = retryDelay(r.retryAfter);
+        fbError.textContent = `Your feedback couldn't be saved yet: the estimator is busy. ` +
+          `Trying again in ${wait} s (try ${attempt + 1} of ${FEEDBACK_TRIES}).`;
+        await sleep(wait);
+        if (!current || current.prediction_id !== pid) return;
+        continue;
+      }
+      fbError.textContent = r.message;
+      if (r.status !== 409) lock(false);
+      return false;
+    }
   }
 
   $("rating-form").addEventListener("submit", async (ev) => {
@@ -243,13 +264,15 @@ function initPage() {
     const chosen = starInputs.find((i) => i.checked);
     if (!chosen) { fbError.textContent = "Choose 1 to 5 stars first."; starInputs[0].focus(); return; }
     const n = Number(chosen.value);
-    await sendFeedback("rating", n, setStars, `Thanks — your rating was recorded (${n} of 5 stars).`);
+    await sendFeedback("rating", n, setStars, `Thanks — your rating was recorded (${n} of 5 stars).`,
+      `Thanks — your rating (${n} of 5 stars) was saved and will be recorded shortly.`);
   });
 
   for (const btn of quickBtns) {
     btn.addEventListener("click", async () => {
       const kind = btn.dataset.kind, label = btn.textContent.trim().toLowerCase();
-      const ok = await sendFeedback(kind, undefined, setQuick, `Thanks — noted that the estimate was ${label}.`);
+      const ok = await sendFeedback(kind, undefined, setQuick, `Thanks — noted that the estimate was ${label}.`,
+        `Thanks — saved that the estimate was ${label}; it will be recorded shortly.`);
       if (ok) btn.setAttribute("aria-pressed", "true");
     });
   }
@@ -264,7 +287,8 @@ function initPage() {
       return;
     }
     actualInput.removeAttribute("aria-invalid");
-    await sendFeedback("actual_price", n, setActual, `Thanks — the actual price of ${formatLakhs(n)} (${formatRupees(n)}) was recorded.`);
+    await sendFeedback("actual_price", n, setActual, `Thanks — the actual price of ${formatLakhs(n)} (${formatRupees(n)}) was recorded.`,
+      `Thanks — the actual price of ${formatLakhs(n)} (${formatRupees(n)}) was saved and will be recorded shortly.`);
   });
 
   loadLocations();

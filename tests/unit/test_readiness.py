@@ -106,25 +106,59 @@ def test_database_check_states():
     assert DatabaseCheck(raises, interval=5, deadline=8).check() == "unreachable"
 
 
-def test_feedback_on_a_locked_database_is_a_503_with_retry_after(make_app):
-    # The statement timeout (SQLite's busy timeout) ends the wait for a lock another process holds.
-    app = make_app(db_statement_timeout_s=0.2, db_check_interval_s=4.5)
+def locked(store: Store):
+    """Another process holds the SQLite database's write lock until the block ends."""
+    holder = sqlite3.connect(store.engine.url.database, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    return holder
+
+
+def test_feedback_on_a_locked_database_is_pending_then_stored_once(make_app):
+    # The statement timeout (SQLite's busy timeout) ends the wait for a lock another process holds;
+    # the feedback waits in the feedback spool (202) and is stored once the lock is gone.
+    app = make_app(db_statement_timeout_s=0.2, db_check_interval_s=0.5)
     client = app.test_client()
     pid = client.post(PREDICT, json=FLAT).get_json()["prediction_id"]
     store = app.extensions["abfleet"]["store"]
     assert store.get_prediction(pid) is not None  # inserted from the spool before the lock
-    holder = sqlite3.connect(store.engine.url.database, isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")
+    rating = {"prediction_id": pid, "feedback_type": "rating", "feedback_value": 4}
+    holder = locked(store)
+    try:
+        r = client.post(FEEDBACK, json=rating)
+        again = client.post(FEEDBACK, json={**rating, "feedback_value": 2})
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert r.status_code == 202 and r.get_json() == {"status": "pending", "prediction_id": pid, "feedback_type": "rating"}
+    assert again.status_code == 409 and again.get_json()["field"] == "feedback_type"  # the key is pending already
+    assert sample(client, "abfleet_store_errors_total", operation="feedback") == 1.0
+    assert not sample(client, "abfleet_feedback_failures_total", reason="store")  # accepted: not a failure
+    # The background thread records it with the live checks, once.
+    wait_for(lambda: store.feedback_for(pid), 30, what="the pending rating to be stored")
+    wait_for(lambda: sample(client, "abfleet_feedback_pending") == 0, 30, what="the pending gauge to drop")
+    [row] = store.feedback_for(pid)
+    assert row["feedback_value"] == 4 and row["received_by"] == "production"
+    assert sample(client, "abfleet_feedback_pending_resolved_total", outcome="stored") == 1.0
+    assert sample(client, "abfleet_ratings_total", stars="4") == 1.0  # counted like a live rating
+    assert client.post(FEEDBACK, json=rating).status_code == 409
+
+
+def test_feedback_on_a_locked_database_with_a_full_feedback_spool_is_a_503_with_retry_after(make_app):
+    app = make_app(db_statement_timeout_s=0.2, db_check_interval_s=4.5, feedback_spool_max_rows=0)
+    client = app.test_client()
+    pid = client.post(PREDICT, json=FLAT).get_json()["prediction_id"]
+    store = app.extensions["abfleet"]["store"]
+    assert store.get_prediction(pid) is not None
+    holder = locked(store)
     try:
         r = client.post(FEEDBACK, json={"prediction_id": pid, "feedback_type": "rating", "feedback_value": 4})
     finally:
         holder.execute("ROLLBACK")
         holder.close()
     assert r.status_code == 503 and r.headers["Retry-After"] == "5"
-    assert r.get_json() == {"error": "store unavailable: the database stayed locked past the statement timeout; "
-                                     "the feedback was not recorded, try again later", "field": None}
-    assert sample(client, "abfleet_feedback_failures_total", reason="store") == 1.0
-    assert sample(client, "abfleet_store_errors_total", operation="feedback") == 1.0
+    assert r.get_json()["error"].startswith("store unavailable: the database stayed locked past the statement timeout, "
+                                            "and 0 pieces of feedback wait for the database (at most 0)"), r.get_json()
+    assert sample(client, "abfleet_feedback_failures_total", reason="spool") == 1.0
     # Once the lock is gone the same feedback is accepted.
     again = client.post(FEEDBACK, json={"prediction_id": pid, "feedback_type": "rating", "feedback_value": 4})
     assert again.status_code == 201
@@ -177,12 +211,13 @@ def test_feedback_waiting_on_a_stuck_database_leaves_threads_for_predictions(mak
     try:
         waiting.start()
         wait_for(lambda: service._waiting._value == 0, 10, 0.01, what="the first feedback to wait on the lock")
+        # No thread is left to wait on the database: the feedback is kept for later, not waited on.
         r = client.post(FEEDBACK, json={"prediction_id": second, "feedback_type": "rating", "feedback_value": 4})
-        assert r.status_code == 503 and r.headers["Retry-After"]
-        assert "every thread allowed to wait for the database is waiting" in r.get_json()["error"]
+        assert r.status_code == 202 and r.get_json()["status"] == "pending", r.get_json()
         assert client.post(PREDICT, json=FLAT).status_code == 200
     finally:
         holder.execute("ROLLBACK")
         holder.close()
         waiting.join(10)
     assert stuck[0].status_code == 201  # the lock went away before the busy timeout ran out
+    wait_for(lambda: store.feedback_for(second), 30, what="the pending feedback to be stored")
