@@ -6,7 +6,9 @@ The server, the web page's tests, `load`, `demo`, `bench` and the tests read it 
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal, TypeVar
@@ -24,6 +26,9 @@ DRIFT_REPORT = "/api/drift_report"
 PING = "/api/ping"  # the cheapest JSON answer: the benchmark's yardstick for the predict path
 RELOAD = "/api/admin/reload"
 METRICS = "/metrics"  # Prometheus text format; not routed publicly
+METRICS_SUMMARY = "/api/metrics"  # the original project's JSON summary of one variant
+OPENAPI = "/api/openapi.json"  # this contract as OpenAPI 3.1 (abfleet.openapi)
+DOCS = "/api/docs"  # a reference page rendering OPENAPI, served by the router
 
 # ---- input bounds: a real Bengaluru flat stays within them; the web page uses the same ones ----
 MIN_SQFT, MAX_SQFT = 300.0, 30000.0
@@ -31,6 +36,9 @@ MIN_BHK, MAX_BHK = 1, 10
 MIN_BATH, MAX_BATH = 1, 10
 MAX_LOCATION_LENGTH = 128
 MAX_USER_ID_LENGTH = 128
+MAX_FEEDBACK_TEXT = 2000  # characters of a comment (or of the text beside any feedback)
+# The window of /api/metrics, in hours: a day by default, at most 30 days.
+DEFAULT_HOURS, MIN_HOURS, MAX_HOURS = 24, 1, 720
 # Actual prices: the defaults of the server's bounds (Settings.actual_price_*), and the cap on
 # one APE, which the ratio already keeps below (ratio - 1) but a counter must never exceed.
 MIN_ACTUAL_PRICE_LAKHS, MAX_ACTUAL_PRICE_LAKHS = 1.0, 100000.0
@@ -60,7 +68,7 @@ class PredictRequest(BaseModel):
     _numbers_not_bools = field_validator("total_sqft", "bhk", "bath", mode="before")(_no_bool)
 
 
-FeedbackType = Literal["rating", "accurate", "too_high", "too_low", "actual_price"]
+FeedbackType = Literal["rating", "accurate", "too_high", "too_low", "actual_price", "comment"]
 
 
 class FeedbackRequest(BaseModel):
@@ -69,6 +77,8 @@ class FeedbackRequest(BaseModel):
     prediction_id: str = Field(min_length=1, max_length=64, pattern=r"^[0-9a-fA-F-]+$")
     feedback_type: FeedbackType
     feedback_value: float | None = Field(default=None, allow_inf_nan=False)
+    # Free text, stored beside any kind and never part of a decision; a comment is text alone.
+    feedback_text: str | None = Field(default=None, max_length=MAX_FEEDBACK_TEXT)
 
     _number_not_bool = field_validator("feedback_value", mode="before")(_no_bool)
 
@@ -81,9 +91,38 @@ class FeedbackRequest(BaseModel):
         elif self.feedback_type == "actual_price":
             if value is None or not value > 0:
                 raise ValueError("feedback_value: an actual price must be a positive number of lakhs")
+        elif self.feedback_type == "comment":
+            if not (self.feedback_text or "").strip():
+                raise ValueError("feedback_text: a comment needs some text")
+            self.feedback_value = None
         else:
             self.feedback_value = None  # quick verdicts carry no number
         return self
+
+
+class MetricsQuery(BaseModel):
+    """The query of /api/metrics: the window in whole hours."""
+
+    NOT_AN_OBJECT: ClassVar[str] = "hours: send the window as ?hours=N"
+
+    hours: int = Field(default=DEFAULT_HOURS, ge=MIN_HOURS, le=MAX_HOURS)
+
+
+# Spaces, tabs and line breaks; not the ASCII separators \x1c-\x1f, which str.split() also takes.
+_BLANKS = re.compile(r"[ \t\n\r\f\v]+")
+
+
+def location_key(name: str) -> str:
+    """What two spellings of one location share: case and runs of blanks do not count."""
+    return _BLANKS.sub(" ", name).strip(" ").casefold()
+
+
+def unknown_location(given: str, known: Collection[str]) -> Refused:
+    """The 422 for a location nobody knows, naming up to three known names close to it."""
+    by_key = {location_key(k): k for k in known}
+    close = [by_key[k] for k in difflib.get_close_matches(location_key(given), list(by_key), n=3, cutoff=0.6)]
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return Refused(422, f"location: unknown location {given!r}{hint} (see {LOCATIONS})", "location")
 
 
 def user_of(header: str | None) -> str | None:
