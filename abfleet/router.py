@@ -67,6 +67,7 @@ def render(settings: Settings, *, candidate_weight: int | None = None, access_lo
         max_body_bytes=settings.max_body_bytes,
         cookie=COOKIE,
         trusted_proxies=settings.trusted_proxies,
+        cors_origins=settings.allowed_origins,
         feedback_path=FEEDBACK_PATH,
         predict_path=PREDICT_PATH,
         admin_prefix=ADMIN_PREFIX,
