@@ -108,6 +108,97 @@ class MetricsQuery(BaseModel):
     hours: int = Field(default=DEFAULT_HOURS, ge=MIN_HOURS, le=MAX_HOURS)
 
 
+# ---- what the server answers: the OpenAPI document (abfleet.openapi) is generated from these ----
+class ErrorBody(BaseModel):
+    """Every refusal and fault: a sentence, and the field it is about (null when none)."""
+
+    error: str
+    field: str | None
+
+
+class PredictResponse(BaseModel):
+    estimated_price: float = Field(description="the estimate, in lakhs of rupees")
+    prediction_id: str = Field(description="32 hex digits: the id feedback refers to")
+    model_version: str
+    unit: Literal["lakh INR"]
+    location: str = Field(description="the location as the fleet spells it")
+    total_sqft: float
+    bhk: int
+    bath: int
+    response_time_ms: float = Field(ge=0, description="the server's time to answer, in milliseconds")
+
+
+class LocationsResponse(BaseModel):
+    locations: list[str] = Field(description="every location a prediction accepts, sorted, 'other' last")
+
+
+class FeedbackResponse(BaseModel):
+    status: Literal["recorded"]
+    prediction_id: str
+    feedback_type: FeedbackType
+    variant: str = Field(description="the variant that made the prediction")
+    model_version: str
+    ape: float | None = Field(description="an actual price's absolute percentage error; null for other kinds")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["healthy", "degraded", "unhealthy"] = Field(description=(
+        "healthy: answering, all in order; degraded (200): answering, but the store is unreachable, a candidate "
+        "serves production's model or a newer version was refused; unhealthy (503): no model, no answers"))
+    timestamp: str = Field(description="ISO 8601, UTC")
+    model_variant: str = Field(description="the variant this server is (the same as variant)")
+    variant: str
+    model_loaded: bool
+    model_version: str | None
+    serving_alias: str | None
+    fallback: bool
+    store_reachable: bool
+    database: str = Field(description="the latest background check of the database")
+    last_error: str | None
+    note: str | None = None
+
+
+class PredictionStats(BaseModel):
+    total_count: int = Field(ge=0)
+    avg_latency_ms: float
+    p95_latency_ms: float
+    p99_latency_ms: float
+    min_latency_ms: float
+    max_latency_ms: float
+
+
+class FeedbackStats(BaseModel):
+    total_count: int = Field(ge=0)
+    avg_rating: float | None = Field(description="mean stars; null without ratings")
+    accurate_count: int = Field(ge=0)
+    too_high_count: int = Field(ge=0)
+    too_low_count: int = Field(ge=0)
+
+
+class MetricsSummary(BaseModel):
+    """One variant (the server that answered) over the last `hours`, from the store."""
+
+    variant: str
+    time_period_hours: int
+    timestamp: str
+    predictions: PredictionStats
+    feedback: FeedbackStats
+
+
+class DriftReport(BaseModel):
+    """The latest drift summary; its own fields follow `status` when it is success."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["success", "no_current_data", "error"]
+    message: str | None = None
+    report_available: bool | None = None
+
+
+class Ping(BaseModel):
+    status: Literal["ok"]
+
+
 # Spaces, tabs and line breaks; not the ASCII separators \x1c-\x1f, which str.split() also takes.
 _BLANKS = re.compile(r"[ \t\n\r\f\v]+")
 

@@ -11,7 +11,7 @@ import time
 from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from abfleet import api, fleet, summary
+from abfleet import api, fleet, openapi, summary
 from abfleet.serving import STORE_FAULTS, no_model_yet, store_fault
 from inference.backend.parts import parts
 
@@ -80,6 +80,11 @@ def predict_home_price():
     answer = parts()["predictions"].answer(request_body(), request.environ.get("HTTP_X_USER_ID", ""))
     g.model_version = answer.version
     return jsonify(answer.body), answer.status, list(answer.headers)
+
+
+@bp.get(api.OPENAPI)
+def openapi_document():
+    return jsonify(openapi.document())
 
 
 @bp.get(api.PING)
