@@ -6,11 +6,14 @@ The server, the web page's tests, `load`, `demo`, `bench` and the tests read it 
 
 from __future__ import annotations
 
+import csv
 import difflib
+import functools
 import math
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -56,8 +59,46 @@ def _no_bool(value):
     return value
 
 
+LOCATIONS_CSV = Path(__file__).with_name("locations.csv")
+
+
+@functools.lru_cache(maxsize=1)
+def location_names() -> tuple[str, ...]:
+    """The fleet's known locations as the packaged table names them ('other' included), sorted;
+    read with the csv module so that the contract needs no pandas."""
+    with LOCATIONS_CSV.open(newline="") as f:
+        return tuple(sorted({row["location"] for row in csv.DictReader(f)}))
+
+
+def _location_enum(schema: dict) -> None:
+    # The schema lists the names as the fleet spells them; any case and run of blanks is accepted too.
+    schema["properties"]["location"]["enum"] = list(location_names())
+
+
+# Feedback fields that depend on the kind, in the request's JSON Schema (the validator below
+# enforces the same): one branch per kind.
+_BLANK_ONLY = "[^ \t\n\r\f\v]"  # a comment needs one character that is not a blank
+
+
+def _feedback_branches(schema: dict) -> None:
+    def kind(*names: str, **props) -> dict:
+        branch = {"properties": {"feedback_type": {"enum": list(names)}, **props}}
+        required = [name for name, prop in props.items() if prop.pop("required", False)]
+        if required:
+            branch["required"] = required
+        return branch
+
+    schema["oneOf"] = [
+        kind("rating", feedback_value={"type": "integer", "minimum": 1, "maximum": 5, "required": True}),
+        kind("actual_price", feedback_value={"type": "number", "minimum": MIN_ACTUAL_PRICE_LAKHS,
+                                             "maximum": MAX_ACTUAL_PRICE_LAKHS, "required": True}),
+        kind("accurate", "too_high", "too_low"),
+        kind("comment", feedback_text={"type": "string", "pattern": _BLANK_ONLY, "required": True}),
+    ]
+
+
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(str_strip_whitespace=True)
+    model_config = ConfigDict(str_strip_whitespace=True, json_schema_extra=_location_enum)
     NOT_AN_OBJECT: ClassVar[str] = "body: send a JSON object (or form fields) with location, total_sqft, bhk, bath"
 
     location: str = Field(min_length=1, max_length=MAX_LOCATION_LENGTH)
@@ -72,6 +113,7 @@ FeedbackType = Literal["rating", "accurate", "too_high", "too_low", "actual_pric
 
 
 class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra=_feedback_branches)
     NOT_AN_OBJECT: ClassVar[str] = "body: send a JSON object with prediction_id, feedback_type, feedback_value"
 
     prediction_id: str = Field(min_length=1, max_length=64, pattern=r"^[0-9a-fA-F-]+$")
@@ -92,7 +134,7 @@ class FeedbackRequest(BaseModel):
             if value is None or not value > 0:
                 raise ValueError("feedback_value: an actual price must be a positive number of lakhs")
         elif self.feedback_type == "comment":
-            if not (self.feedback_text or "").strip():
+            if not re.search(_BLANK_ONLY, self.feedback_text or ""):
                 raise ValueError("feedback_text: a comment needs some text")
             self.feedback_value = None
         else:

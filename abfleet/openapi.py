@@ -45,6 +45,13 @@ class Operation:
     query: type[BaseModel] | None = None
     description: str = ""
     tags: tuple[str, ...] = field(default=("model server",))
+    links: dict = field(default_factory=dict)  # OpenAPI links of the first success answer: name → link
+
+
+# An estimate's id is what feedback names: the link lets a client (and Schemathesis' stateful
+# phase) follow an answer with feedback on it.
+RATE_IT = {"operationId": "recordFeedback", "requestBody": {"prediction_id": "$response.body#/prediction_id"},
+           "description": "feedback on this estimate (from the same user)"}
 
 
 COMMON = (405, 429, 503)  # the router's rate limit and its "no server answers"; a wrong method
@@ -53,12 +60,13 @@ OPERATIONS = (
     Operation(api.PREDICT, "post", "predictHomePrice", "Estimate a flat's price", {200: api.PredictResponse},
               (400, 413, 422, *COMMON), body=api.PredictRequest, form=True, description=(
                   "The location is matched ignoring case and runs of blanks; an unknown one is 422 naming up to "
-                  "three close known names. The answer is recorded before it is given.")),
+                  "three close known names. The answer is recorded before it is given."),
+              links={"FeedbackOnIt": RATE_IT}),
     Operation(api.LOCATIONS, "get", "getLocationNames", "Every location a prediction accepts",
               {200: api.LocationsResponse}, COMMON),
     Operation(api.FEEDBACK, "post", "recordFeedback", "Rate an estimate, judge it, give the actual price or a comment",
               {201: api.FeedbackResponse}, (400, 403, 404, 409, 410, 413, 422, *COMMON), body=api.FeedbackRequest,
-              form=True, description=(
+              description=(
                   "rating: feedback_value 1 to 5 whole stars; actual_price: feedback_value in lakhs, within the "
                   "server's bounds and a factor of the estimate; accurate, too_high, too_low: no value; comment: "
                   "feedback_text. feedback_text may accompany any kind. One of each kind per prediction, from the "
@@ -110,6 +118,8 @@ def _operation(op: Operation, schemas: dict) -> dict:
                         "X-Model-Version": {"$ref": "#/components/headers/X-Model-Version"}},
             "content": {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}},
         }
+        if op.links and status == min(op.answers):
+            responses[str(status)]["links"] = copy.deepcopy(op.links)
     for status in op.refusals:
         responses.setdefault(str(status), _error_response(status))
     out["responses"] = dict(sorted(responses.items()))

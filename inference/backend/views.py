@@ -60,7 +60,11 @@ def _label_and_count(response: Response) -> Response:
 def _http_error(exc: HTTPException):
     max_body = parts()["settings"].max_body_bytes
     messages = {413: f"request body too large: at most {max_body} bytes"}
-    return jsonify(api.error(messages.get(exc.code, exc.description), None)), exc.code
+    response = jsonify(api.error(messages.get(exc.code, exc.description), None))
+    for name, value in exc.get_headers():  # Allow on a 405, for one
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response, exc.code
 
 
 def internal_error(exc: Exception) -> dict:

@@ -33,6 +33,7 @@
     if (!schema) return "any";
     if (schema.$ref) return refName(schema);
     if (schema.anyOf) return schema.anyOf.map(typeOf).join(" | ");
+    if (schema.enum && schema.enum.length > 12) return `one of ${schema.enum.length} names (listed in ${SOURCE})`;
     if (schema.enum) return "one of " + schema.enum.join(", ");
     if (schema.const !== undefined) return JSON.stringify(schema.const);
     let text = schema.type || "any";
