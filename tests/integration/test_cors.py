@@ -96,3 +96,13 @@ def test_refusals_carry_the_origin_too(tmp_path):
             codes.append(r.status_code)
             assert r.headers.get("Access-Control-Allow-Origin") == ALLOWED, (r.status_code, dict(r.headers))
         assert 429 in codes
+
+
+def test_the_routers_own_405_is_json_and_names_what_is_allowed(tmp_path):
+    with router(tmp_path) as (url, seen):
+        for method, path, allowed in (("TRACE", api.HEALTH, "GET, HEAD"), ("TRACE", api.PREDICT, "POST"),
+                                      ("POST", "/index.html", "GET, HEAD")):
+            r = requests.request(method, f"{url}{path}", timeout=10)
+            assert r.status_code == 405 and r.headers["Allow"] == allowed, (method, path, r.status_code, dict(r.headers))
+            assert r.headers["Content-Type"].startswith("application/json") and r.json()["field"] is None
+        assert seen == []
