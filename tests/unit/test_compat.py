@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from abfleet import api, summary
+from abfleet import api, router, summary
 from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
 from abfleet.store import Store, feedback, predictions
@@ -200,3 +200,20 @@ def test_drift_report_always_200_with_a_status(app, client):
 
 def test_metrics_content_type_is_prometheus_clients_own(client):
     assert client.get(api.METRICS).headers["Content-Type"] == CONTENT_TYPE_LATEST
+
+
+def test_cors_origins_are_origins():
+    s = Settings.from_env({"ABFLEET_CORS_ORIGINS": "http://127.0.0.1:8123, https://app.example.org/,http://[::1]:9"})
+    assert s.allowed_origins == ["http://127.0.0.1:8123", "https://app.example.org", "http://[::1]:9"]
+    assert Settings().allowed_origins == []
+    for bad in ("app.example.org", "http://x.org/path", 'http://x.org"; return 200', "ftp://x.org", "http://x.org:port"):
+        with pytest.raises(ValueError, match="ABFLEET_CORS_ORIGINS"):
+            Settings.from_env({"ABFLEET_CORS_ORIGINS": bad})
+
+
+def test_the_router_lists_exactly_the_allowed_origins(tmp_path):
+    text = router.render(Settings(run_dir=tmp_path, cors_origins="http://127.0.0.1:8123"))
+    origins = text.split("map $http_origin $abfleet_cors_origin {")[1].split("}")[0]
+    assert [line.split()[0] for line in origins.strip().splitlines()] == ["default", '"http://127.0.0.1:8123"']
+    closed = router.render(Settings(run_dir=tmp_path)).split("map $http_origin $abfleet_cors_origin {")[1].split("}")[0]
+    assert closed.split() == ["default", '"";']
