@@ -93,7 +93,8 @@ def test_schemathesis_finds_nothing(fleet):
                "run", f"{fleet.router_url}{api.OPENAPI}", "--checks", "all", "--max-examples", "60",
                "--seed", "15", "--generation-database", "none", "--no-color", "--workers", "2",
                "-H", f"X-User-Id: {USER['X-User-Id']}-fuzz", "--report", "junit", "--report-junit-path", str(report)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    # Run from test-output/: Schemathesis keeps its cache (.schemathesis/) in the working directory.
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=OUTPUT_DIR)
     out = done.stdout + done.stderr
     (OUTPUT_DIR / "schemathesis.txt").write_text(out)
     assert done.returncode == 0, out[-6000:]
