@@ -51,6 +51,8 @@ predictions = sa.Table(
     sa.Column("latency_ms", sa.Float, nullable=False),
     sa.Column("user_id", sa.String(128)),
 )
+# /api/metrics' one query (abfleet.summary) reads only this index: a variant's latencies in a window.
+sa.Index("ix_predictions_summary", predictions.c.variant, predictions.c.created_at, predictions.c.latency_ms)
 # The order of the value tuples a spool hands to `Store.insert_spooled`.
 PREDICTION_COLUMNS = [c.name for c in predictions.columns]
 
