@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from abfleet import api
+from abfleet import api, capacity
 from abfleet.settings import Settings, process_environ, project_root
 
 LOCUSTFILE = Path("tests") / "load" / "locustfile.py"
@@ -52,7 +52,7 @@ def stars_for(estimate: float, actual: float) -> int:
 # ---- abfleet load ----------------------------------------------------------------------
 
 def run(settings: Settings, users: int, duration: float, *, spawn_rate: float | None = None,
-        out_dir: Path | None = None, processes: int = 1, say=print) -> dict:
+        out_dir: Path | None = None, processes: int = 1, user_class: str = "HomeBuyer", say=print) -> dict:
     """Run Locust headless against the router for `duration` seconds; return a summary.
 
     With `processes` above 1, Locust forks that many worker processes under one master
@@ -78,6 +78,7 @@ def run(settings: Settings, users: int, duration: float, *, spawn_rate: float | 
             "--only-summary", "--loglevel", "WARNING" if processes == 1 else "INFO", "--exit-code-on-error", "1"]
     if processes > 1:
         argv += ["--processes", str(processes)]
+    argv.append(user_class)  # the locustfile's user class to run (HomeBuyer: people; SteadyBuyer: a fixed rate)
     env = process_environ(python_path=[project_root()])
     log_path = out_dir / "locust.log"
     say(f"locust: {users} users for {duration:g}s against {host}"
@@ -168,6 +169,8 @@ def _text(summary: dict) -> str:
 
 def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
     """`abfleet load`: exit 1 when any request failed (or Locust did)."""
+    if args.find_capacity:
+        return capacity.cmd_find_capacity(args, settings)
     summary = run(settings, args.users, args.duration, spawn_rate=args.spawn_rate, processes=args.processes,
                   say=lambda m: print(m, file=sys.stderr, flush=True))
     if getattr(args, "json", False):
@@ -189,5 +192,11 @@ def add_load_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=1,
                    help="Locust worker processes on this machine, under one master that merges their stats (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--find-capacity", action="store_true",
+                   help="step a steady request rate up until p99 passes --p99-ms; report the highest that held")
+    p.add_argument("--p99-ms", type=float, default=50.0, help="the p99 target of --find-capacity (default 50 ms)")
+    p.add_argument("--start-rate", type=int, default=20, help="requests/s of the first step (default 20)")
+    p.add_argument("--max-rate", type=int, default=2000, help="stop stepping here (default 2000 requests/s)")
+    p.add_argument("--step-seconds", type=float, default=15.0, help="length of each step (default 15 s)")
     p.set_defaults(func=cmd_load)
     return p
