@@ -6,9 +6,14 @@ The server, the web page's tests, `load`, `demo`, `bench` and the tests read it 
 
 from __future__ import annotations
 
+import csv
+import difflib
+import functools
 import math
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,6 +29,9 @@ DRIFT_REPORT = "/api/drift_report"
 PING = "/api/ping"  # the cheapest JSON answer: the benchmark's yardstick for the predict path
 RELOAD = "/api/admin/reload"
 METRICS = "/metrics"  # Prometheus text format; not routed publicly
+METRICS_SUMMARY = "/api/metrics"  # the original project's JSON summary of one variant
+OPENAPI = "/api/openapi.json"  # this contract as OpenAPI 3.1 (abfleet.openapi)
+DOCS = "/api/docs"  # a reference page rendering OPENAPI, served by the router
 
 # ---- input bounds: a real Bengaluru flat stays within them; the web page uses the same ones ----
 MIN_SQFT, MAX_SQFT = 300.0, 30000.0
@@ -31,6 +39,9 @@ MIN_BHK, MAX_BHK = 1, 10
 MIN_BATH, MAX_BATH = 1, 10
 MAX_LOCATION_LENGTH = 128
 MAX_USER_ID_LENGTH = 128
+MAX_FEEDBACK_TEXT = 2000  # characters of a comment (or of the text beside any feedback)
+# The window of /api/metrics, in hours: a day by default, at most 30 days.
+DEFAULT_HOURS, MIN_HOURS, MAX_HOURS = 24, 1, 720
 # Actual prices: the defaults of the server's bounds (Settings.actual_price_*), and the cap on
 # one APE, which the ratio already keeps below (ratio - 1) but a counter must never exceed.
 MIN_ACTUAL_PRICE_LAKHS, MAX_ACTUAL_PRICE_LAKHS = 1.0, 100000.0
@@ -48,8 +59,46 @@ def _no_bool(value):
     return value
 
 
+LOCATIONS_CSV = Path(__file__).with_name("locations.csv")
+
+
+@functools.lru_cache(maxsize=1)
+def location_names() -> tuple[str, ...]:
+    """The fleet's known locations as the packaged table names them ('other' included), sorted;
+    read with the csv module so that the contract needs no pandas."""
+    with LOCATIONS_CSV.open(newline="") as f:
+        return tuple(sorted({row["location"] for row in csv.DictReader(f)}))
+
+
+def _location_enum(schema: dict) -> None:
+    # The schema lists the names as the fleet spells them; any case and run of blanks is accepted too.
+    schema["properties"]["location"]["enum"] = list(location_names())
+
+
+# Feedback fields that depend on the kind, in the request's JSON Schema (the validator below
+# enforces the same): one branch per kind.
+_BLANK_ONLY = "[^ \t\n\r\f\v]"  # a comment needs one character that is not a blank
+
+
+def _feedback_branches(schema: dict) -> None:
+    def kind(*names: str, **props) -> dict:
+        branch = {"properties": {"feedback_type": {"enum": list(names)}, **props}}
+        required = [name for name, prop in props.items() if prop.pop("required", False)]
+        if required:
+            branch["required"] = required
+        return branch
+
+    schema["oneOf"] = [
+        kind("rating", feedback_value={"type": "integer", "minimum": 1, "maximum": 5, "required": True}),
+        kind("actual_price", feedback_value={"type": "number", "minimum": MIN_ACTUAL_PRICE_LAKHS,
+                                             "maximum": MAX_ACTUAL_PRICE_LAKHS, "required": True}),
+        kind("accurate", "too_high", "too_low"),
+        kind("comment", feedback_text={"type": "string", "pattern": _BLANK_ONLY, "required": True}),
+    ]
+
+
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(str_strip_whitespace=True)
+    model_config = ConfigDict(str_strip_whitespace=True, json_schema_extra=_location_enum)
     NOT_AN_OBJECT: ClassVar[str] = "body: send a JSON object (or form fields) with location, total_sqft, bhk, bath"
 
     location: str = Field(min_length=1, max_length=MAX_LOCATION_LENGTH)
@@ -60,15 +109,18 @@ class PredictRequest(BaseModel):
     _numbers_not_bools = field_validator("total_sqft", "bhk", "bath", mode="before")(_no_bool)
 
 
-FeedbackType = Literal["rating", "accurate", "too_high", "too_low", "actual_price"]
+FeedbackType = Literal["rating", "accurate", "too_high", "too_low", "actual_price", "comment"]
 
 
 class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra=_feedback_branches)
     NOT_AN_OBJECT: ClassVar[str] = "body: send a JSON object with prediction_id, feedback_type, feedback_value"
 
     prediction_id: str = Field(min_length=1, max_length=64, pattern=r"^[0-9a-fA-F-]+$")
     feedback_type: FeedbackType
     feedback_value: float | None = Field(default=None, allow_inf_nan=False)
+    # Free text, stored beside any kind and never part of a decision; a comment is text alone.
+    feedback_text: str | None = Field(default=None, max_length=MAX_FEEDBACK_TEXT)
 
     _number_not_bool = field_validator("feedback_value", mode="before")(_no_bool)
 
@@ -81,9 +133,129 @@ class FeedbackRequest(BaseModel):
         elif self.feedback_type == "actual_price":
             if value is None or not value > 0:
                 raise ValueError("feedback_value: an actual price must be a positive number of lakhs")
+        elif self.feedback_type == "comment":
+            if not re.search(_BLANK_ONLY, self.feedback_text or ""):
+                raise ValueError("feedback_text: a comment needs some text")
+            self.feedback_value = None
         else:
             self.feedback_value = None  # quick verdicts carry no number
         return self
+
+
+class MetricsQuery(BaseModel):
+    """The query of /api/metrics: the window in whole hours."""
+
+    NOT_AN_OBJECT: ClassVar[str] = "hours: send the window as ?hours=N"
+
+    hours: int = Field(default=DEFAULT_HOURS, ge=MIN_HOURS, le=MAX_HOURS)
+
+
+# ---- what the server answers: the OpenAPI document (abfleet.openapi) is generated from these ----
+class ErrorBody(BaseModel):
+    """Every refusal and fault: a sentence, and the field it is about (null when none)."""
+
+    error: str
+    field: str | None
+
+
+class PredictResponse(BaseModel):
+    estimated_price: float = Field(description="the estimate, in lakhs of rupees")
+    prediction_id: str = Field(description="32 hex digits: the id feedback refers to")
+    model_version: str
+    unit: Literal["lakh INR"]
+    location: str = Field(description="the location as the fleet spells it")
+    total_sqft: float
+    bhk: int
+    bath: int
+    response_time_ms: float = Field(ge=0, description="the server's time to answer, in milliseconds")
+
+
+class LocationsResponse(BaseModel):
+    locations: list[str] = Field(description="every location a prediction accepts, sorted, 'other' last")
+
+
+class FeedbackResponse(BaseModel):
+    status: Literal["recorded"]
+    prediction_id: str
+    feedback_type: FeedbackType
+    variant: str = Field(description="the variant that made the prediction")
+    model_version: str
+    ape: float | None = Field(description="an actual price's absolute percentage error; null for other kinds")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["healthy", "degraded", "unhealthy"] = Field(description=(
+        "healthy: answering, all in order; degraded (200): answering, but the store is unreachable, a candidate "
+        "serves production's model or a newer version was refused; unhealthy (503): no model, no answers"))
+    timestamp: str = Field(description="ISO 8601, UTC")
+    model_variant: str = Field(description="the variant this server is (the same as variant)")
+    variant: str
+    model_loaded: bool
+    model_version: str | None
+    serving_alias: str | None
+    fallback: bool
+    store_reachable: bool
+    database: str = Field(description="the latest background check of the database")
+    last_error: str | None
+    note: str | None = None
+
+
+class PredictionStats(BaseModel):
+    total_count: int = Field(ge=0)
+    avg_latency_ms: float
+    p95_latency_ms: float
+    p99_latency_ms: float
+    min_latency_ms: float
+    max_latency_ms: float
+
+
+class FeedbackStats(BaseModel):
+    total_count: int = Field(ge=0)
+    avg_rating: float | None = Field(description="mean stars; null without ratings")
+    accurate_count: int = Field(ge=0)
+    too_high_count: int = Field(ge=0)
+    too_low_count: int = Field(ge=0)
+
+
+class MetricsSummary(BaseModel):
+    """One variant (the server that answered) over the last `hours`, from the store."""
+
+    variant: str
+    time_period_hours: int
+    timestamp: str
+    predictions: PredictionStats
+    feedback: FeedbackStats
+
+
+class DriftReport(BaseModel):
+    """The latest drift summary; its own fields follow `status` when it is success."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["success", "no_current_data", "error"]
+    message: str | None = None
+    report_available: bool | None = None
+
+
+class Ping(BaseModel):
+    status: Literal["ok"]
+
+
+# Spaces, tabs and line breaks; not the ASCII separators \x1c-\x1f, which str.split() also takes.
+_BLANKS = re.compile(r"[ \t\n\r\f\v]+")
+
+
+def location_key(name: str) -> str:
+    """What two spellings of one location share: case and runs of blanks do not count."""
+    return _BLANKS.sub(" ", name).strip(" ").casefold()
+
+
+def unknown_location(given: str, known: Collection[str]) -> Refused:
+    """The 422 for a location nobody knows, naming up to three known names close to it."""
+    by_key = {location_key(k): k for k in known}
+    close = [by_key[k] for k in difflib.get_close_matches(location_key(given), list(by_key), n=3, cutoff=0.6)]
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return Refused(422, f"location: unknown location {given!r}{hint} (see {LOCATIONS})", "location")
 
 
 def user_of(header: str | None) -> str | None:

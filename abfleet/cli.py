@@ -14,11 +14,19 @@ import sys
 import warnings
 from pathlib import Path
 
-from abfleet import bench, evaluation, load, objects, router, stack
+from abfleet import bench, capacity, evaluation, load, objects, router, stack
 from abfleet.decision import PROMOTE, ROLLBACK, decide
 from abfleet.settings import VARIANTS, Settings, decision_policy, process_environ, project_root
 from abfleet.store import open_store
 
+
+
+def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
+    """`abfleet load`: a Locust run, or with --find-capacity the stepped search for the highest
+    steady rate that keeps its p99 (abfleet.capacity, which drives abfleet.load)."""
+    if args.find_capacity:
+        return capacity.cmd_find_capacity(args, settings)
+    return load.cmd_load(args, settings)
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -321,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_drift)
 
-    load.add_load_parser(sub)
+    load.add_load_parser(sub).set_defaults(func=cmd_load)
     bench.add_bench_parser(sub)
 
     p = sub.add_parser("history", help="every decision with its numbers")

@@ -54,6 +54,7 @@ class PendingFeedback:
     user_id: str | None
     received_by: str
     received_at: str  # ISO time, UTC
+    feedback_text: str | None = None  # a comment, or the words sent beside a rating
 
     @property
     def key(self) -> tuple[str, str]:
@@ -65,9 +66,9 @@ class PendingFeedback:
 
     @classmethod
     def now(cls, prediction_id: str, feedback_type: str, feedback_value: float | None, user_id: str | None,
-            received_by: str) -> "PendingFeedback":
+            received_by: str, feedback_text: str | None = None) -> "PendingFeedback":
         stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
-        return cls(prediction_id, feedback_type, feedback_value, user_id, received_by, stamp)
+        return cls(prediction_id, feedback_type, feedback_value, user_id, received_by, stamp, feedback_text)
 
 
 class FeedbackSpoolFull(Exception):

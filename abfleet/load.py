@@ -12,6 +12,7 @@ import contextlib
 import csv
 import datetime as dt
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -51,14 +52,18 @@ def stars_for(estimate: float, actual: float) -> int:
 # ---- abfleet load ----------------------------------------------------------------------
 
 def run(settings: Settings, users: int, duration: float, *, spawn_rate: float | None = None,
-        out_dir: Path | None = None, say=print) -> dict:
+        out_dir: Path | None = None, processes: int = 1, user_class: str = "HomeBuyer", say=print) -> dict:
     """Run Locust headless against the router for `duration` seconds; return a summary.
 
-    CSV stats (`stats_*.csv`) and the HTML report (`report.html`) go to `out_dir`
-    (default: <run_dir>/load/<timestamp>/).
+    With `processes` above 1, Locust forks that many worker processes under one master
+    (`locust --processes N`), which merges their statistics: the load generator then uses
+    as many cores. CSV stats (`stats_*.csv`) and the HTML report (`report.html`) go to
+    `out_dir` (default: <run_dir>/load/<timestamp>/).
     """
     if users < 1 or duration <= 0:
         raise ValueError("--users must be at least 1 and --duration above 0")
+    if processes < 1:
+        raise ValueError("--processes must be at least 1")
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = Path(out_dir) if out_dir else settings.run_dir / "load" / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,15 +75,20 @@ def run(settings: Settings, users: int, duration: float, *, spawn_rate: float | 
     argv = [str(locust), "-f", str(project_root() / LOCUSTFILE), "--headless", "--host", host,
             "--users", str(users), "--spawn-rate", f"{rate:g}", "--run-time", f"{max(1, round(duration))}s",
             "--stop-timeout", "10", "--csv", str(out_dir / "stats"), "--html", str(out_dir / "report.html"),
-            "--only-summary", "--loglevel", "WARNING", "--exit-code-on-error", "1"]
+            "--only-summary", "--loglevel", "WARNING" if processes == 1 else "INFO", "--exit-code-on-error", "1"]
+    if processes > 1:
+        argv += ["--processes", str(processes)]
+    argv.append(user_class)  # the locustfile's user class to run (HomeBuyer: people; SteadyBuyer: a fixed rate)
     env = process_environ(python_path=[project_root()])
     log_path = out_dir / "locust.log"
-    say(f"locust: {users} users for {duration:g}s against {host}; output in {out_dir}")
+    say(f"locust: {users} users for {duration:g}s against {host}"
+        f"{f' from {processes} worker processes' if processes > 1 else ''}; output in {out_dir}")
     with local_router_unlimited(settings, say), log_path.open("wb") as log:
         proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=project_root(),
                               timeout=duration + 120)
     summary = summarize(out_dir)
-    summary.update({"users": users, "duration_s": duration, "host": host, "run_dir": str(out_dir),
+    summary.update({"users": users, "duration_s": duration, "host": host, "run_dir": str(out_dir), "processes": processes,
+                    "workers_connected": workers_connected(log_path.read_text(errors="replace")),
                     "report": str(out_dir / "report.html"), "locust_exit_code": proc.returncode})
     if not (out_dir / "stats_stats.csv").exists():
         tail = log_path.read_text(errors="replace")[-2000:]
@@ -106,6 +116,12 @@ def local_router_unlimited(settings: Settings, say=print) -> Iterator[None]:
         yield
     finally:
         stack.up(settings, only=("router",), say=lambda _m: None)
+
+
+def workers_connected(log: str) -> int:
+    """The most worker processes Locust's master reported connected at once (0 without a master)."""
+    counts = [int(n) for n in re.findall(r"(\d+) workers connected", log)]
+    return max(counts, default=0)
 
 
 def summarize(out_dir: Path) -> dict:
@@ -152,8 +168,9 @@ def _text(summary: dict) -> str:
 
 
 def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
-    """`abfleet load`: exit 1 when any request failed (or Locust did)."""
-    summary = run(settings, args.users, args.duration, spawn_rate=args.spawn_rate,
+    """`abfleet load` (without --find-capacity, which abfleet.capacity answers): exit 1 when
+    any request failed (or Locust did)."""
+    summary = run(settings, args.users, args.duration, spawn_rate=args.spawn_rate, processes=args.processes,
                   say=lambda m: print(m, file=sys.stderr, flush=True))
     if getattr(args, "json", False):
         print(json.dumps(summary, indent=2, default=str))
@@ -171,6 +188,14 @@ def add_load_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=20, help="simulated users (default 20)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load (default 30)")
     p.add_argument("--spawn-rate", type=float, help="users started per second (default: users/2)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="Locust worker processes on this machine, under one master that merges their stats (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--find-capacity", action="store_true",
+                   help="step a steady request rate up until p99 passes --p99-ms; report the highest that held")
+    p.add_argument("--p99-ms", type=float, default=50.0, help="the p99 target of --find-capacity (default 50 ms)")
+    p.add_argument("--start-rate", type=int, default=20, help="requests/s of the first step (default 20)")
+    p.add_argument("--max-rate", type=int, default=2000, help="stop stepping here (default 2000 requests/s)")
+    p.add_argument("--step-seconds", type=float, default=15.0, help="length of each step (default 15 s)")
     p.set_defaults(func=cmd_load)
     return p

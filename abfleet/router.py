@@ -23,6 +23,8 @@ COOKIE = "abfleet_uid"
 PREDICT_PATH = "/api/predict_home_price"
 FEEDBACK_PATH = "/api/feedback"
 ADMIN_PREFIX = "/api/admin"
+DOCS_PATH = "/api/docs"  # api.DOCS: the reference page the router serves itself
+OPENAPI_PATH = "/api/openapi.json"  # api.OPENAPI: what the page renders, answered by the servers
 
 # Limits for traffic generated from one address (the demo, `abfleet load`, the tests): the
 # defaults are for people, and a load generator is many people behind one address.
@@ -67,6 +69,9 @@ def render(settings: Settings, *, candidate_weight: int | None = None, access_lo
         max_body_bytes=settings.max_body_bytes,
         cookie=COOKIE,
         trusted_proxies=settings.trusted_proxies,
+        cors_origins=settings.allowed_origins,
+        docs_path=DOCS_PATH,
+        docs_source=OPENAPI_PATH,
         feedback_path=FEEDBACK_PATH,
         predict_path=PREDICT_PATH,
         admin_prefix=ADMIN_PREFIX,

@@ -201,12 +201,14 @@ class Predictions:
         self.new_id = new_id
         self.on_refused = on_refused  # called for each prediction refused because the spool is full
         self.variant = holder.variant
+        self._names: tuple[FastPredictor, dict[str, str]] | None = None  # (for this predictor, names by key)
 
     def answer(self, body: bytes | Mapping | None, user_id: str = "") -> Answer:
         """The answer to a predict request whose body is raw JSON bytes, form fields, or None
         (a body of another type); `user_id` is the X-User-Id header as sent.
 
         A prediction is answered only once it is recorded: a store failure is a 503."""
+        started = time.perf_counter()
         held = self.holder.current
         try:
             req = api.parse(api.PredictRequest, body)
@@ -215,10 +217,11 @@ class Predictions:
         if held is None:
             return Answer(503, api.error(no_model_yet(self.holder), None), "none")
         predictor = held.predictor
-        location = predictor.model_location(req.location, self.vocabulary)
+        names = self._names_for(predictor)
+        name = names.get(api.location_key(req.location))
+        location = None if name is None else predictor.model_location(name, self.vocabulary)
         if location is None:
-            message = f"location: unknown location {req.location!r}; see {api.LOCATIONS}"
-            return Answer(422, api.error(message, "location"), held.version)
+            return Answer(422, api.unknown_location(req.location, names.values()).body(), held.version)
         t0 = time.perf_counter()
         price = predictor.predict_one(location, req.total_sqft, req.bhk, req.bath)
         latency_ms = (time.perf_counter() - t0) * 1000.0
@@ -227,7 +230,7 @@ class Predictions:
         try:
             self.store.record_prediction({
                 "id": prediction_id, "variant": self.variant, "model_version": held.version,
-                "location": req.location, "total_sqft": req.total_sqft, "bhk": req.bhk, "bath": req.bath,
+                "location": name, "total_sqft": req.total_sqft, "bhk": req.bhk, "bath": req.bath,
                 "estimated_price": estimate, "latency_ms": latency_ms, "user_id": api.user_of(user_id),
             })
         except SpoolFull as full:  # the backlog is at its bounds or the disk is full: come back later
@@ -241,8 +244,17 @@ class Predictions:
             return Answer(503, api.error(message, None), held.version)
         return Answer(200, {
             "estimated_price": estimate, "prediction_id": prediction_id, "model_version": held.version,
-            "unit": "lakh INR", "location": req.location, "total_sqft": req.total_sqft, "bhk": req.bhk, "bath": req.bath,
+            "unit": "lakh INR", "location": name, "total_sqft": req.total_sqft, "bhk": req.bhk, "bath": req.bath,
+            "response_time_ms": round((time.perf_counter() - started) * 1000.0, 3),
         }, held.version)
+
+    def _names_for(self, predictor: FastPredictor) -> dict[str, str]:
+        """location_key → the location's own name, for every location `predictor` accepts."""
+        cached = self._names
+        if cached is None or cached[0] is not predictor:
+            names = {api.location_key(n): n for n in sorted(self.vocabulary.union(predictor.locations))}
+            cached = self._names = (predictor, names)
+        return cached[1]
 
 
 class Recorded(NamedTuple):
@@ -339,7 +351,8 @@ class Feedback:
     def _unavailable(self, req: api.FeedbackRequest, user: str | None, cause: str) -> Recorded:
         """The answer to feedback the database could not take now: spooled (202), or a 503."""
         if self.spool is not None:
-            item = PendingFeedback.now(req.prediction_id, req.feedback_type, req.feedback_value, user, self.received_by)
+            item = PendingFeedback.now(req.prediction_id, req.feedback_type, req.feedback_value, user, self.received_by,
+                                       req.feedback_text)
             try:
                 added = self.spool.add(item)
             except (FeedbackSpoolFull, OSError) as exc:
@@ -366,7 +379,7 @@ class Feedback:
         received = item.received
         try:
             req = api.FeedbackRequest(prediction_id=item.prediction_id, feedback_type=item.feedback_type,
-                                      feedback_value=item.feedback_value)
+                                      feedback_value=item.feedback_value, feedback_text=item.feedback_text)
         except ValueError as exc:  # pydantic's ValidationError: never spooled so, but never retried either
             log.warning("pending feedback on %s dropped (refused): %s", item.prediction_id, exc)
             return "refused"
@@ -400,7 +413,8 @@ class Feedback:
                                            "prediction_id"), None)
         try:
             row = self.store.record_feedback(pid, req.feedback_type, req.feedback_value, received_by or self.received_by,
-                                             user_id=user, bounds=self.bounds, prediction=pred, received_at=received_at)
+                                             user_id=user, bounds=self.bounds, prediction=pred, received_at=received_at,
+                                             text=req.feedback_text)
         except api.Refused as refused:
             return Recorded(refused.status, refused.body(), None)
         except Duplicate as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -159,6 +160,9 @@ class Settings:
     # Comma-separated addresses or CIDRs whose X-Forwarded-For names the client (the load
     # balancer in front of the router); empty: the router is reached directly.
     router_trusted_proxies: str = ""
+    # Comma-separated origins (scheme://host[:port]) whose pages may call the API from the
+    # browser (CORS, answered by the router); empty: the page's own origin only.
+    cors_origins: str = ""
 
     # ---- derived locations -------------------------------------------------
     @property
@@ -233,6 +237,15 @@ class Settings:
         return [str(ipaddress.ip_network(item.strip(), strict=False))
                 for item in self.router_trusted_proxies.split(",") if item.strip()]
 
+    @property
+    def allowed_origins(self) -> list[str]:
+        """cors_origins as a list of origins; raises ValueError for anything else."""
+        origins = [item.strip().rstrip("/") for item in self.cors_origins.split(",") if item.strip()]
+        for origin in origins:
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port])")
+        return origins
+
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
 
@@ -281,6 +294,11 @@ class Settings:
         except ValueError as exc:
             raise ValueError(f"ABFLEET_ROUTER_TRUSTED_PROXIES must be comma-separated addresses or CIDRs: {exc}") from None
 
+        try:
+            _ = self.allowed_origins
+        except ValueError as exc:
+            raise ValueError(f"ABFLEET_CORS_ORIGINS must be comma-separated origins like https://example.org: {exc}") from None
+
     def env(self) -> dict[str, str]:
         """These settings as environment variables, for child processes."""
         out = {}
@@ -294,6 +312,10 @@ class Settings:
         if self.s3_endpoint_url:
             out["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint_url
         return out
+
+
+# An origin as a browser sends it: http(s), a host name or IPv4/[IPv6] address, an optional port.
+_ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
 
 
 def _convert(f: dataclasses.Field, raw: str, name: str) -> object:

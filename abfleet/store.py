@@ -51,6 +51,8 @@ predictions = sa.Table(
     sa.Column("latency_ms", sa.Float, nullable=False),
     sa.Column("user_id", sa.String(128)),
 )
+# /api/metrics' one query (abfleet.summary) reads only this index: a variant's latencies in a window.
+sa.Index("ix_predictions_summary", predictions.c.variant, predictions.c.created_at, predictions.c.latency_ms)
 # The order of the value tuples a spool hands to `Store.insert_spooled`.
 PREDICTION_COLUMNS = [c.name for c in predictions.columns]
 
@@ -69,6 +71,7 @@ feedback = sa.Table(
     sa.Column("model_version", sa.String(32), nullable=False),
     sa.Column("received_by", sa.String(16)),
     sa.Column("user_id", sa.String(128)),  # who rated: the prediction's own user
+    sa.Column("feedback_text", sa.Text),  # free text (migration 0002): kept, never part of a decision
     sa.UniqueConstraint("prediction_id", "kind", name="one_feedback_of_a_kind"),
 )
 
@@ -95,7 +98,8 @@ fleet_state = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
-FEEDBACK_KIND = {"rating": "rating", "accurate": "quick", "too_high": "quick", "too_low": "quick", "actual_price": "actual_price"}
+FEEDBACK_KIND = {"rating": "rating", "accurate": "quick", "too_high": "quick", "too_low": "quick", "actual_price": "actual_price",
+                 "comment": "comment"}
 
 
 # Database timeouts of a store made from a URL alone: Settings.db_connect_timeout_s and
@@ -294,6 +298,7 @@ class Store:
         self, prediction_id: str, feedback_type: str, value: float | None, received_by: str | None = None, *,
         user_id: str | None = None, bounds: PriceBounds | None = None, prediction: dict | None = None,
         received_at: dt.datetime | None = None,
+        text: str | None = None,
     ) -> dict:
         """Store one piece of feedback from `user_id` against the prediction's own variant and
         version; an actual price gets its APE, bounded by `bounds` (default: api.PriceBounds()).
@@ -322,6 +327,7 @@ class Store:
             "model_version": pred["model_version"],
             "received_by": received_by,
             "user_id": user_id,
+            "feedback_text": text,
         }
         try:
             with self.engine.begin() as conn:

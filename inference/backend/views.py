@@ -3,6 +3,7 @@ the field, and every response carries X-Variant and X-Model-Version."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hmac
 import logging
 import time
@@ -10,7 +11,7 @@ import time
 from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from abfleet import api, fleet
+from abfleet import api, fleet, openapi, summary
 from abfleet.serving import STORE_FAULTS, no_model_yet, store_fault
 from inference.backend.parts import parts
 
@@ -59,7 +60,11 @@ def _label_and_count(response: Response) -> Response:
 def _http_error(exc: HTTPException):
     max_body = parts()["settings"].max_body_bytes
     messages = {413: f"request body too large: at most {max_body} bytes"}
-    return jsonify(api.error(messages.get(exc.code, exc.description), None)), exc.code
+    response = jsonify(api.error(messages.get(exc.code, exc.description), None))
+    for name, value in exc.get_headers():  # Allow on a 405, for one
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response, exc.code
 
 
 def internal_error(exc: Exception) -> dict:
@@ -79,6 +84,11 @@ def predict_home_price():
     answer = parts()["predictions"].answer(request_body(), request.environ.get("HTTP_X_USER_ID", ""))
     g.model_version = answer.version
     return jsonify(answer.body), answer.status, list(answer.headers)
+
+
+@bp.get(api.OPENAPI)
+def openapi_document():
+    return jsonify(openapi.document())
 
 
 @bp.get(api.PING)
@@ -114,7 +124,7 @@ def record_feedback():
             metrics.ratings.labels(v, mv, str(int(row["feedback_value"]))).inc()
         elif row["kind"] == "quick":
             metrics.quick.labels(v, mv, row["feedback_type"]).inc()
-        else:
+        elif row["kind"] == "actual_price":
             # The APE is finite and capped (api.PriceBounds.ape): the three counters move together.
             ape = row["ape"]
             square = ape * ape
@@ -146,6 +156,15 @@ def ready():
     return jsonify(body), 200 if held is not None else 503
 
 
+def health_status(held, store_ok: bool, problem: str | None) -> str:
+    """healthy: answering with everything in order; degraded: answering, but the store is
+    unreachable, a candidate serves production's model, or a newer version was refused;
+    unhealthy: no model, so no answers."""
+    if held is None:
+        return "unhealthy"
+    return "healthy" if store_ok and not held.fallback and not problem else "degraded"
+
+
 @bp.get(api.HEALTH)
 def health():
     p = parts()
@@ -154,7 +173,9 @@ def health():
     database = p["database"].state  # the latest background ping: a request never waits for the database
     store_ok = database == "ok"
     body = {
-        "status": "ok" if held and store_ok else "unavailable",
+        "status": health_status(held, store_ok, holder.problem),
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "model_variant": p["settings"].variant,
         "variant": p["settings"].variant,
         "model_loaded": held is not None,
         "model_version": held.version if held else None,
@@ -166,25 +187,48 @@ def health():
     }
     if held and held.fallback:
         body["note"] = "no candidate in the registry: serving the production model"
-    return jsonify(body), 200 if body["status"] == "ok" else 503
+    return jsonify(body), 503 if held is None else 200
+
+
+def store_unavailable(exc: Exception):
+    """The 503 of a read the store could not answer, with Retry-After."""
+    p = parts()
+    p["metrics"].store_errors.labels("read").inc()
+    response = jsonify(api.error(f"store unavailable: {store_fault(exc)}; try again later", None))
+    response.headers["Retry-After"] = str(p["feedback"].retry_after)
+    return response, 503
+
+
+@bp.get(api.METRICS_SUMMARY)
+def metrics_summary():
+    p = parts()
+    try:
+        query = api.parse(api.MetricsQuery, request.args.to_dict())
+    except api.Refused as refused:
+        return jsonify(refused.body()), refused.status
+    try:
+        return jsonify(summary.variant_summary(p["store"].engine, p["settings"].variant, query.hours))
+    except STORE_FAULTS as exc:
+        log.error("metrics summary not read: %s", exc)
+        return store_unavailable(exc)
 
 
 @bp.get(api.DRIFT_REPORT)
 def drift_report():
+    # Always 200: the status says whether there is a summary (the original project's contract).
     try:
-        summary = parts()["store"].get_state("drift_summary")
+        summary_ = parts()["store"].get_state("drift_summary")
     except STORE_FAULTS as exc:
         log.error("drift summary not read: %s", exc)
         parts()["metrics"].store_errors.labels("read").inc()
-        response = jsonify(api.error(f"store unavailable: {store_fault(exc)}; try again later", None))
-        response.headers["Retry-After"] = str(parts()["feedback"].retry_after)
-        return response, 503
-    if summary is None:
-        return refuse("no drift check has run yet: the daily drift_monitoring DAG or `abfleet drift` makes one", None, 404)
+        return jsonify(status="error", message=f"store unavailable: {store_fault(exc)}; try again later")
+    if summary_ is None:
+        return jsonify(status="no_current_data",
+                       message="no drift check has run yet: the daily drift_monitoring DAG or `abfleet drift` makes one")
     # The report's location names the bucket or a local path: say only whether there is one.
-    public = {k: v for k, v in summary.items() if k != "report"}
-    public["report_available"] = bool(summary.get("report"))
-    return jsonify(public)
+    public = {k: v for k, v in summary_.items() if k != "report"}
+    public["report_available"] = bool(summary_.get("report"))
+    return jsonify({"status": "success", **public})
 
 
 @bp.post(api.RELOAD)
@@ -215,4 +259,4 @@ def metrics_endpoint():
     body = generate_latest(registry)
     if settings.variant == "production":
         body += generate_latest(p["fleet_registry"])
-    return Response(body, mimetype=CONTENT_TYPE_LATEST)
+    return Response(body, content_type=CONTENT_TYPE_LATEST)  # as given: mimetype= would add a second charset

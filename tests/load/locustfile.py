@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import uuid
 
-from locust import HttpUser, between, events, task
+from locust import HttpUser, between, constant_throughput, events, task
 
 from abfleet.api import FEEDBACK, LOCATIONS, PREDICT
 from abfleet.load import realistic_rows, stars_for
@@ -75,4 +75,19 @@ class HomeBuyer(HttpUser):
         with self.client.post(FEEDBACK, json=body, headers=self.headers, name=f"{FEEDBACK} [{kind}]",
                               catch_response=True) as r:
             if r.status_code != 201:
+                r.failure(f"{r.status_code}: {r.text[:200]}")
+
+
+class SteadyBuyer(HttpUser):
+    """One estimate a second per user, nothing else: `abfleet load --find-capacity` offers a
+    rate by the number of users."""
+
+    wait_time = constant_throughput(1)
+
+    @task
+    def estimate(self) -> None:
+        row = random.choice(ROWS)
+        body = {k: row[k] for k in ("location", "total_sqft", "bhk", "bath")}
+        with self.client.post(PREDICT, json=body, catch_response=True) as r:
+            if r.status_code != 200 or not r.json().get("estimated_price", 0) > 0:
                 r.failure(f"{r.status_code}: {r.text[:200]}")

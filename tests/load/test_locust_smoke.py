@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 
 import pytest
 
@@ -44,3 +45,22 @@ def test_realistic_rows_fit_the_api_and_the_fleet_vocabulary():
     for row in rows:
         api.PredictRequest.model_validate({k: row[k] for k in ("location", "total_sqft", "bhk", "bath")})
         assert row["location"] in known and row["price"] > 0
+
+
+@pytest.mark.slow
+def test_two_locust_worker_processes_merge_their_stats(fleet, capsys):
+    parser = argparse.ArgumentParser()
+    load.add_load_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["load", "--users", "8", "--duration", "10", "--processes", "2", "--json"])
+    code = args.func(args, fleet.settings)
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    summary = json.loads(out.out)
+    assert summary["processes"] == 2 and summary["workers_connected"] == 2, summary
+    assert summary["total"]["failures"] == 0 and summary["endpoints"][f"POST {api.PREDICT}"]["requests"] > 0
+
+
+def test_workers_connected_reads_the_masters_log():
+    log = ("[x] INFO/locust.runners: Worker a_1 (index 0) reported as ready. 1 workers connected.\n"
+           "[x] INFO/locust.runners: Worker b_2 (index 1) reported as ready. 2 workers connected.\n")
+    assert load.workers_connected(log) == 2 and load.workers_connected("") == 0

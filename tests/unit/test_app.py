@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -95,7 +97,8 @@ def test_bad_feedback_names_the_field(client, body, field):
 
 def test_health_reports_model_and_store(client):
     body = client.get(HEALTH).get_json()
-    assert body["status"] == "ok" and body["model_version"] == "7" and body["store_reachable"] is True
+    assert body["status"] == "healthy" and body["model_version"] == "7" and body["store_reachable"] is True
+    assert body["model_variant"] == "candidate" and dt.datetime.fromisoformat(body["timestamp"]).tzinfo is not None
 
 
 def test_store_failure_refuses_the_answer_instead_of_losing_it(app, client):
@@ -311,11 +314,12 @@ def test_health_and_503s_say_nothing_internal(tmp_path, caplog):
 
 
 def test_drift_report_says_a_report_exists_not_where(app, client):
-    assert client.get("/api/drift_report").status_code == 404
+    before = client.get("/api/drift_report")
+    assert before.status_code == 200 and before.get_json()["status"] == "no_current_data"
     store_of(app).set_state("drift_summary", {"drift_detected": False, "share_drifted": 0.0, "drifted_columns": [],
                                               "columns": {}, "report": "s3://fleet-bucket/abfleet/drift/2026.html"})
     r = client.get("/api/drift_report")
-    assert r.status_code == 200 and r.get_json()["report_available"] is True
+    assert r.status_code == 200 and r.get_json()["report_available"] is True and r.get_json()["status"] == "success"
     assert "fleet-bucket" not in r.get_data(as_text=True) and "report" not in r.get_json()
 
 
