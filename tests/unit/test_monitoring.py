@@ -1,6 +1,7 @@
 """Monitoring config, checked offline and fast: Prometheus config and alert rules (promtool),
-rule unit tests, runbook links, Alertmanager config (amtool), metric names against
-abfleet/metrics.py, Grafana provisioning and dashboards, and the compose files' mounts.
+rule unit tests, SLO recording rules, metric names against abfleet/metrics.py, Grafana
+provisioning and dashboards, and the compose files' mounts. Alertmanager's routes and
+inhibition and the runbooks: tests/unit/test_alerting_config.py.
 
 The live counterpart (every dashboard query against the fleet's Prometheus) is
 tests/integration/test_dashboards.py.
@@ -9,31 +10,25 @@ tests/integration/test_dashboards.py.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
 import warnings
-from pathlib import Path
 
 import pytest
 import yaml
 
 from abfleet import metrics
 from tests.dashboards import dashboard_queries, iter_panels
+from tests.monitoring_config import (ALERTMANAGER_CONFIG, MON, ROOT, RULE_FILES, alert_rules, promtool_path,
+                                     recording_rules, run_tool)
 
-ROOT = Path(__file__).resolve().parents[2]
-MON = ROOT / "monitoring"
 PROMETHEUS_CONFIG = MON / "prometheus.yml"
-RULE_FILES = sorted((MON / "rules").glob("*.yml"))
 RULE_TESTS = sorted((MON / "tests").glob("*.yml"))
 DASHBOARDS = sorted((MON / "grafana" / "dashboards").glob("*.json"))
 COMPOSE = MON / "docker-compose.monitoring.yml"
 ROOT_COMPOSE = ROOT / "docker-compose.yaml"
-ALERTMANAGER_CONFIG = MON / "alertmanager.yml"
 DATASOURCE_UID = "prometheus"
 SEVERITIES = {"critical", "warning", "info"}
-RUNBOOKS = ROOT / "docs" / "runbooks"
 # Fires all the time by design: no `for:` and no quiet case.
 ALWAYS_FIRING = {"Watchdog"}
 
@@ -47,36 +42,6 @@ _HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-
-def _promtool() -> str:
-    path = shutil.which("promtool") or ("/usr/bin/promtool" if os.access("/usr/bin/promtool", os.X_OK) else None)
-    if path is None:
-        pytest.skip("promtool NOT INSTALLED: Prometheus config, alert rules and rule unit tests are NOT checked "
-                    "(apt-get install prometheus)")
-    return path
-
-
-def _amtool() -> str:
-    path = shutil.which("amtool") or ("/usr/bin/amtool" if os.access("/usr/bin/amtool", os.X_OK) else None)
-    if path is None:
-        pytest.skip("amtool NOT INSTALLED: the Alertmanager config is NOT checked "
-                    "(apt-get install prometheus-alertmanager, or make install-system)")
-    return path
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-
-def _alert_rules() -> list[dict]:
-    return [rule for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"]
-            for rule in group["rules"] if "alert" in rule]
-
-
-def _recording_rules() -> list[dict]:
-    return [rule for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"]
-            for rule in group["rules"] if "record" in rule]
-
 
 def _rule_texts() -> list[str]:
     """Every PromQL a rule evaluates: exprs, and annotation templates (they may `query`)."""
@@ -110,18 +75,18 @@ def test_there_are_rules_and_rule_tests():
 
 def test_promtool_check_config():
     # rule_files in prometheus.yml are relative to it; promtool resolves them the same way.
-    r = _run(_promtool(), "check", "config", str(PROMETHEUS_CONFIG))
+    r = run_tool(promtool_path(), "check", "config", str(PROMETHEUS_CONFIG))
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"{len(RULE_FILES)} rule files found" in r.stdout, r.stdout
 
 
 def test_promtool_check_rules():
-    r = _run(_promtool(), "check", "rules", *map(str, RULE_FILES))
+    r = run_tool(promtool_path(), "check", "rules", *map(str, RULE_FILES))
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_promtool_test_rules():
-    r = _run(_promtool(), "test", "rules", *map(str, RULE_TESTS))
+    r = run_tool(promtool_path(), "test", "rules", *map(str, RULE_TESTS))
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -137,7 +102,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case():
         for case in yaml.safe_load(path.read_text())["tests"]:
             for check in case.get("alert_rule_test", []) or []:
                 (firing if check.get("exp_alerts") else quiet).add(check["alertname"])
-    alerts = {rule["alert"] for rule in _alert_rules()}
+    alerts = {rule["alert"] for rule in alert_rules()}
     quiet |= ALWAYS_FIRING & alerts
     assert not alerts - firing, f"alerts with no firing case in monitoring/tests: {sorted(alerts - firing)}"
     assert not alerts - quiet, f"alerts with no non-firing case in monitoring/tests: {sorted(alerts - quiet)}"
@@ -145,7 +110,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case():
 
 
 def test_alerts_have_for_severity_and_annotations():
-    for rule in _alert_rules():
+    for rule in alert_rules():
         name = rule["alert"]
         assert rule.get("for") or name in ALWAYS_FIRING, f"{name}: no `for:`"
         assert rule.get("labels", {}).get("severity") in SEVERITIES, f"{name}: severity not in {SEVERITIES}"
@@ -181,45 +146,12 @@ def test_the_local_stack_scrapes_loopback_targets_with_the_same_labels(tmp_path)
     assert jobs["candidate"]["relabel_configs"] == [{"target_label": "fleet_variant", "replacement": "candidate"}]
     assert config["alerting"] == {"alertmanagers": [{"static_configs": [
         {"targets": [f"{settings.host}:{settings.alertmanager_port}"]}]}]}
-    r = _run(_promtool(), "check", "config", str(rendered))
+    r = run_tool(promtool_path(), "check", "config", str(rendered))
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_every_alert_has_a_runbook_url_to_its_page_in_the_repository():
-    """runbook_url is docs/runbooks/<alertname>.md, relative to the repository root, and the file
-    exists; no page is left without its alert, and the old README `runbook` anchors are gone."""
-    names = set()
-    for rule in _alert_rules():
-        name, annotations = rule["alert"], rule.get("annotations") or {}
-        names.add(name)
-        url = annotations.get("runbook_url")
-        assert url, f"{name}: no runbook_url annotation"
-        assert url == f"docs/runbooks/{name}.md", f"{name}: runbook_url {url!r} is not docs/runbooks/{name}.md"
-        assert (ROOT / url).is_file(), f"{name}: {url} does not exist"
-        assert "runbook" not in annotations, f"{name}: the old `runbook` annotation"
-    pages = {p.stem for p in RUNBOOKS.glob("*.md")} - {"README"}
-    assert pages == names, f"runbook pages without an alert: {sorted(pages - names)}"
-    index = (RUNBOOKS / "README.md").read_text()
-    assert not [n for n in names if f"[{n}.md]({n}.md)" not in index], "docs/runbooks/README.md must list every page"
-
-
-def test_runbooks_say_what_it_means_how_to_confirm_and_the_fix():
-    for path in sorted(RUNBOOKS.glob("Abfleet*.md")) + [RUNBOOKS / "Watchdog.md"]:
-        text = path.read_text()
-        assert text.startswith(f"# {path.stem}\n"), f"{path.name}: title"
-        for heading in ("## What it means", "## Confirm", "## Fix"):
-            assert heading in text, f"{path.name}: no {heading!r}"
-
-
-def test_the_readme_runbook_section_is_an_index_of_the_runbook_pages():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Runbook", 1)[1].split("\n## ", 1)[0]
-    assert "docs/runbooks/README.md" in section
-    assert "### " not in section, "runbook paragraphs belong in docs/runbooks/"
-
-
 def test_recorded_series_used_by_rules_and_dashboards_are_recorded():
-    recorded = {rule["record"] for rule in _recording_rules()}
+    recorded = {rule["record"] for rule in recording_rules()}
     assert recorded, "no recording rules"
     used = {name for text in _rule_texts() for name in _RECORDED.findall(text)}
     used |= {name for query in dashboard_queries() for name in _RECORDED.findall(query.raw)}
@@ -230,7 +162,7 @@ SLO_WINDOWS = ("5m", "30m", "1h", "2h", "6h", "1d")
 
 
 def test_slo_ratios_are_recorded_over_every_window_per_variant_and_for_the_fleet():
-    by_name = {rule["record"]: rule["expr"] for rule in _recording_rules()}
+    by_name = {rule["record"]: rule["expr"] for rule in recording_rules()}
     for sli in ("errors", "slow"):
         for window in SLO_WINDOWS:
             expr = by_name.get(f"variant:abfleet_prediction_{sli}:ratio_rate{window}")
@@ -238,192 +170,6 @@ def test_slo_ratios_are_recorded_over_every_window_per_variant_and_for_the_fleet
             assert f"[{window}]" in expr and "sum by (variant)" in expr, expr
             assert 'label_replace(' in expr and '"variant", "fleet"' in expr, f"{sli} {window}: no fleet series"
             assert 'endpoint="/api/predict_home_price"' in expr, expr
-
-
-# ---- Alertmanager -----------------------------------------------------------------------------
-
-def test_amtool_check_config_of_the_shared_alertmanager_config():
-    r = _run(_amtool(), "check-config", str(ALERTMANAGER_CONFIG))
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
-# (labels, receiver): what `amtool config routes test` must answer for an alert with those labels.
-ROUTES = [
-    ({"alertname": "Watchdog", "severity": "info"}, "deadmans-switch"),
-    ({"alertname": "AbfleetVariantDown", "severity": "critical", "fleet_variant": "candidate"}, "page"),
-    ({"alertname": "AbfleetAvailabilityBudgetBurn", "severity": "critical", "variant": "candidate",
-      "long_window": "1h"}, "page"),
-    ({"alertname": "AbfleetAvailabilityBudgetBurn", "severity": "warning", "variant": "fleet", "long_window": "1d"},
-     "ticket"),
-    ({"alertname": "AbfleetSpoolRefusing", "severity": "critical", "fleet_variant": "production"}, "page"),
-    ({"alertname": "AbfleetStoreErrors", "severity": "warning", "fleet_variant": "production"}, "ticket"),
-    ({"alertname": "AbfleetDriftDetected", "severity": "warning"}, "ticket"),
-    ({"alertname": "SomethingNew", "severity": "info"}, "ticket"),
-    # No known severity: a mistake in the rules, sent where someone sees it at once.
-    ({"alertname": "SomethingNew"}, "page"),
-]
-
-
-@pytest.mark.parametrize("labels,receiver", ROUTES, ids=[f"{l['alertname']}-{l.get('severity')}" for l, _ in ROUTES])
-def test_amtool_routes_alerts_by_severity(labels, receiver):
-    r = _run(_amtool(), "config", "routes", "test", f"--config.file={ALERTMANAGER_CONFIG}",
-             f"--verify.receivers={receiver}", *(f"{k}={v}" for k, v in labels.items()))
-    assert r.returncode == 0, f"{labels} -> {r.stdout.strip()} (expected {receiver}) {r.stderr}"
-    assert r.stdout.strip() == receiver
-
-
-def test_every_alert_of_the_rules_is_routed_by_its_severity():
-    expected = {"critical": "page", "warning": "ticket", "info": "ticket"}
-    amtool = _amtool()
-    for rule in _alert_rules():
-        labels = {"alertname": rule["alert"], **rule["labels"]}
-        receiver = "deadmans-switch" if rule["alert"] == "Watchdog" else expected[labels["severity"]]
-        r = _run(amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER_CONFIG}",
-                 *(f"{k}={v}" for k, v in labels.items()))
-        assert r.stdout.strip() == receiver, f"{labels} -> {r.stdout.strip()} (expected {receiver}) {r.stderr}"
-
-
-def test_the_watchdog_is_repeated_often_and_pages_are_not_held_back():
-    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
-    routes = {route["receiver"]: route for route in config["route"]["routes"]}
-    assert routes["deadmans-switch"]["repeat_interval"] == "1m"
-    assert routes["deadmans-switch"]["group_interval"] == "1m"
-    assert routes["page"]["group_wait"] == "10s"
-
-
-_MATCHER = re.compile(r'^\s*(\w+)\s*(=~|!~|!=|=)\s*"(.*)"\s*$')
-
-
-def _matches(matchers: list[str], labels: dict[str, str]) -> bool:
-    """Alertmanager's matcher semantics for the `name op "value"` form the config uses."""
-    for matcher in matchers:
-        name, op, value = _MATCHER.match(matcher).groups()
-        have = labels.get(name, "")
-        ok = {"=": have == value, "!=": have != value,
-              "=~": re.fullmatch(value, have) is not None, "!~": re.fullmatch(value, have) is None}[op]
-        if not ok:
-            return False
-    return True
-
-
-def _muted(target: dict[str, str], firing: list[dict[str, str]]) -> bool:
-    """Whether Alertmanager's inhibit_rules mute `target` while the `firing` alerts fire."""
-    rules = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())["inhibit_rules"]
-    return any(_matches(rule["target_matchers"], target)
-               and any(source is not target and _matches(rule["source_matchers"], source)
-                       and all(source.get(n, "") == target.get(n, "") for n in rule.get("equal", []))
-                       for source in firing)
-               for rule in rules)
-
-
-def _alert(name: str, **labels: str) -> dict[str, str]:
-    return {"alertname": name, **labels}
-
-
-VARIANT_DOWN = _alert("AbfleetVariantDown", severity="critical", fleet_variant="candidate")
-STORE_ERRORS = _alert("AbfleetStoreErrors", severity="warning", fleet_variant="production", instance="a:8000",
-                      operation="insert")
-PAGE = _alert("AbfleetAvailabilityBudgetBurn", severity="critical", variant="candidate", long_window="1h")
-INHIBITION = [
-    # (firing source, target, muted)
-    (VARIANT_DOWN, _alert("AbfleetTargetDown", severity="critical", fleet_variant="candidate", instance="b:8000"), True),
-    (VARIANT_DOWN, _alert("AbfleetCandidateNotReady", severity="warning", fleet_variant="candidate"), True),
-    (VARIANT_DOWN, _alert("AbfleetCandidateNoTraffic", severity="warning", model_version="7"), True),
-    (VARIANT_DOWN, _alert("AbfleetSampleRatioMismatch", severity="warning"), True),
-    (VARIANT_DOWN, _alert("AbfleetTargetDown", severity="critical", fleet_variant="production"), False),
-    (VARIANT_DOWN, _alert("AbfleetProductionNotReady", severity="critical", fleet_variant="production"), False),
-    (VARIANT_DOWN, _alert("AbfleetAvailabilityBudgetBurn", severity="critical", variant="production"), False),
-    (VARIANT_DOWN, _alert("AbfleetVariantDown", severity="critical", fleet_variant="production"), False),
-    (STORE_ERRORS, _alert("AbfleetFeedbackFailing", severity="warning", fleet_variant="production",
-                          instance="a:8000", reason="store"), True),
-    (STORE_ERRORS, _alert("AbfleetSpoolBacklogHigh", severity="warning", fleet_variant="production",
-                          instance="a:8000"), True),
-    (STORE_ERRORS, _alert("AbfleetSpoolNotDraining", severity="warning", fleet_variant="production",
-                          instance="a:8000"), True),
-    (STORE_ERRORS, _alert("AbfleetSpoolBacklogHigh", severity="warning", fleet_variant="production",
-                          instance="b:8000"), False),
-    (STORE_ERRORS, _alert("AbfleetSpoolRefusing", severity="critical", fleet_variant="production",
-                          instance="a:8000"), False),
-    (PAGE, _alert("AbfleetAvailabilityBudgetBurn", severity="warning", variant="candidate", long_window="1d"), True),
-    (PAGE, _alert("AbfleetLatencyBudgetBurn", severity="warning", variant="candidate", long_window="1d"), False),
-    (PAGE, _alert("AbfleetAvailabilityBudgetBurn", severity="critical", variant="fleet", long_window="6h"), True),
-    (PAGE, _alert("AbfleetAvailabilityBudgetBurn", severity="warning", variant="production", long_window="1d"), False),
-    (PAGE, _alert("AbfleetAvailabilityBudgetBurn", severity="critical", variant="production", long_window="6h"),
-     False),
-]
-
-
-@pytest.mark.parametrize("source,target,muted", INHIBITION,
-                         ids=[f"{s['alertname']}-mutes-{t['alertname']}-{m}" for s, t, m in INHIBITION])
-def test_inhibit_rules_mute_the_alerts_that_follow_from_another(source, target, muted):
-    assert _muted(target, [source]) is muted
-    assert not _muted(target, []), "nothing is muted while nothing fires"
-
-
-def test_inhibition_covers_only_alerts_the_rules_define():
-    defined = {rule["alert"] for rule in _alert_rules()}
-    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
-    named = set()
-    for rule in config["inhibit_rules"]:
-        for matcher in rule["source_matchers"] + rule["target_matchers"]:
-            name, op, value = _MATCHER.match(matcher).groups()
-            if name == "alertname":
-                named |= set(value.split("|")) if op == "=~" else {value}
-    assert named <= defined, f"inhibit_rules name alerts no rule defines: {sorted(named - defined)}"
-
-
-def test_the_local_alertmanager_sends_people_and_watchdog_to_their_urls(tmp_path):
-    from abfleet.monitoring import write_alertmanager_config
-    from abfleet.settings import Settings
-
-    amtool = _amtool()
-    both = write_alertmanager_config(Settings(run_dir=tmp_path, webhook_url="http://127.0.0.1:1/hook",
-                                              watchdog_url="http://127.0.0.1:2/ping"))
-    config = yaml.safe_load(both.read_text())
-    hooks = {r["name"]: r.get("webhook_configs") for r in config["receivers"]}
-    people = [{"url": "http://127.0.0.1:1/hook", "send_resolved": True}]
-    assert hooks == {"page": people, "ticket": people,
-                     "deadmans-switch": [{"url": "http://127.0.0.1:2/ping", "send_resolved": True}]}
-    # The routing and inhibition of the shared file are kept as they are.
-    shared = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
-    assert config["route"] == shared["route"] and config["inhibit_rules"] == shared["inhibit_rules"]
-    r = _run(amtool, "check-config", str(both))
-    assert r.returncode == 0, r.stdout + r.stderr
-    # Only the people's webhook: the dead-man's switch keeps no config.
-    only_people = yaml.safe_load(write_alertmanager_config(
-        Settings(run_dir=tmp_path, webhook_url="http://127.0.0.1:1/hook")).read_text())
-    assert {r["name"]: r.get("webhook_configs") for r in only_people["receivers"]} == {
-        "page": people, "ticket": people, "deadmans-switch": None}
-    # Neither: receivers without configs, which Alertmanager accepts (alerts are only shown).
-    without = write_alertmanager_config(Settings(run_dir=tmp_path))
-    config = yaml.safe_load(without.read_text())
-    assert all(set(r) == {"name"} for r in config["receivers"]), config["receivers"]
-    r = _run(amtool, "check-config", str(without))
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
-def test_the_watchdog_url_is_read_from_the_environment():
-    from abfleet.settings import Settings
-
-    assert Settings.from_env({"ABFLEET_WATCHDOG_URL": "http://hc.example/ping"}).watchdog_url == "http://hc.example/ping"
-    assert Settings.from_env({}).watchdog_url == ""
-
-
-def test_the_stack_starts_alertmanager_on_its_port_and_says_how_to_install_a_missing_one(tmp_path, monkeypatch):
-    from abfleet import stack
-    from abfleet.settings import Settings
-
-    settings = Settings(run_dir=tmp_path, alertmanager_port=19093)
-    (am,) = [s for s in stack.services(settings) if s.name == "alertmanager"]
-    assert f"--web.listen-address={settings.host}:19093" in am.command
-    assert f"--config.file={tmp_path / 'alertmanager.yml'}" in am.command
-    assert "--cluster.listen-address=" in am.command  # no gossip port on 9094
-    names = [s.name for s in stack.services(settings)]
-    assert names.index("alertmanager") < names.index("prometheus")
-    monkeypatch.setattr(stack, "alertmanager_binary", lambda: None)
-    with pytest.raises(stack.StackError, match="prometheus-alertmanager is not installed: run `sudo apt-get install -y "
-                                               "prometheus-alertmanager` \\(or `make install-system`\\)"):
-        stack.up(settings, only=("alertmanager",), say=lambda _m: None)
 
 
 # ---- metric names -----------------------------------------------------------------------------
@@ -498,13 +244,13 @@ def test_dashboard_uids_are_unique():
 
 def test_dashboard_queries_are_valid_promql(tmp_path):
     """Every panel query (Grafana variables substituted) parses: checked as recording rules by promtool."""
-    promtool = _promtool()
+    promtool = promtool_path()
     queries = dashboard_queries()
     rules = {"groups": [{"name": "dashboard-queries", "rules": [
         {"record": f"dashboard_query_{i}", "expr": q.expr} for i, q in enumerate(queries)]}]}
     path = tmp_path / "dashboard-queries.yml"
     path.write_text(yaml.safe_dump(rules, sort_keys=False))
-    r = _run(promtool, "check", "rules", str(path))
+    r = run_tool(promtool, "check", "rules", str(path))
     if r.returncode != 0:
         bad = [f"dashboard_query_{i} = {q.id}" for i, q in enumerate(queries)]
         pytest.fail(f"{r.stdout}{r.stderr}\nquery index: " + "; ".join(bad))
@@ -561,5 +307,5 @@ def test_compose_file_is_valid():
     compose = shutil.which("docker-compose")
     if compose is None:
         pytest.skip("docker-compose NOT INSTALLED: monitoring/docker-compose.monitoring.yml not validated")
-    r = _run(compose, "-f", str(COMPOSE), "config", "-q")
+    r = run_tool(compose, "-f", str(COMPOSE), "config", "-q")
     assert r.returncode == 0, r.stdout + r.stderr
