@@ -39,15 +39,28 @@ def write_prometheus_config(settings: Settings) -> Path:
     return path
 
 
+# Which receivers of monitoring/alertmanager.yml each local setting feeds: people's alerts
+# (`page`, `ticket`) go to ABFLEET_WEBHOOK_URL, the always-firing Watchdog to
+# ABFLEET_WATCHDOG_URL, a dead-man's-switch service that alarms when the pings stop.
+PEOPLE_RECEIVERS = ("page", "ticket")
+WATCHDOG_RECEIVER = "deadmans-switch"
+
+
 def alertmanager_config(settings: Settings) -> dict:
-    """`monitoring/alertmanager.yml` with a webhook to settings.webhook_url on its default
-    receiver when one is set; without one, alerts are kept and shown but sent nowhere."""
+    """`monitoring/alertmanager.yml` with webhooks on its receivers for the URLs that are set:
+    settings.webhook_url on `page` and `ticket`, settings.watchdog_url on `deadmans-switch`.
+    A receiver whose URL is not set keeps no configs: its alerts are kept and shown, sent
+    nowhere."""
     config = yaml.safe_load((project_root() / "monitoring" / "alertmanager.yml").read_text())
-    if settings.webhook_url:
-        default = config["route"]["receiver"]
-        for receiver in config["receivers"]:
-            if receiver["name"] == default:
-                receiver["webhook_configs"] = [{"url": settings.webhook_url, "send_resolved": True}]
+    urls = {name: settings.webhook_url for name in PEOPLE_RECEIVERS}
+    urls[WATCHDOG_RECEIVER] = settings.watchdog_url
+    missing = set(urls) - {receiver["name"] for receiver in config["receivers"]}
+    if missing:
+        raise ValueError(f"monitoring/alertmanager.yml has no receiver {', '.join(sorted(missing))}")
+    for receiver in config["receivers"]:
+        url = urls.get(receiver["name"])
+        if url:
+            receiver["webhook_configs"] = [{"url": url, "send_resolved": True}]
     return config
 
 

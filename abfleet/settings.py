@@ -75,8 +75,12 @@ class Settings:
     # Empty means the local stack's Prometheus on prometheus_port.
     prometheus_url: str = ""
     # Called with the decision on every promote and rollback (optional). The local stack's
-    # Alertmanager sends its alerts here too (Alertmanager's webhook JSON: `alerts`, `status`).
+    # Alertmanager sends its alerts here too, to the `page` and `ticket` receivers
+    # (Alertmanager's webhook JSON: `receiver`, `alerts`, `status`).
     webhook_url: str = ""
+    # The local Alertmanager's `deadmans-switch` receiver: the always-firing Watchdog alert,
+    # re-sent every minute, for a service that alarms when it stops arriving (optional).
+    watchdog_url: str = ""
     # Where the pipeline reaches each model server (for the reload call after a decision);
     # empty means the local stack's loopback port. Compose: http://infer-prod:8000.
     production_url: str = ""

@@ -1,14 +1,15 @@
 """An alert reaches a person: the local stack's Prometheus evaluates the project's alert rules
 on a real model server, Alertmanager (Debian's prometheus-alertmanager, started by
 `stack.up`) receives the firing alert and POSTs it to ABFLEET_WEBHOOK_URL, here a loopback
-receiver run by the test.
+receiver run by the test; the always-firing Watchdog goes to ABFLEET_WATCHDOG_URL, another
+path of the same receiver.
 
 The alert is AbfleetCandidateNotReady: a candidate server on a fresh fleet whose registry
 (MLflow, running) holds no model at all exports `abfleet_ready 0`. The rules are the
 project's own, loaded from copies in which only that alert's `for:` is shortened from 5
 minutes to a few seconds, with a 1s scrape and evaluation interval; Alertmanager runs the
-config the stack rendered (the webhook included) with only its grouping wait shortened from
-30s. The receiver's side of the webhook is the one a team would run.
+config the stack rendered (the webhooks included) with only its grouping waits shortened
+to 2s. The receiver's side of the webhook is the one a team would run.
 """
 
 from __future__ import annotations
@@ -61,11 +62,15 @@ def speed_up_prometheus(settings, rules_dir, alert: str = ALERT) -> None:
 
 
 def speed_up_alertmanager(settings) -> None:
-    """The rendered alertmanager.yml with a 2s group_wait, reloaded by the running Alertmanager."""
+    """The rendered alertmanager.yml with a 2s group_wait on every route, reloaded by the
+    running Alertmanager."""
     path = settings.run_dir / "alertmanager.yml"
     config = yaml.safe_load(path.read_text())
-    assert config["receivers"][0]["webhook_configs"][0]["url"] == settings.webhook_url
-    config["route"]["group_wait"] = "2s"
+    hooks = {r["name"]: [c["url"] for c in r.get("webhook_configs", [])] for r in config["receivers"]}
+    assert hooks["page"] == hooks["ticket"] == [settings.webhook_url], hooks
+    assert hooks["deadmans-switch"] == ([settings.watchdog_url] if settings.watchdog_url else []), hooks
+    for route in [config["route"], *config["route"]["routes"]]:
+        route["group_wait"] = "2s"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     am = settings.local_url(settings.alertmanager_port)
     requests.post(f"{am}/-/reload", timeout=10).raise_for_status()
@@ -73,9 +78,9 @@ def speed_up_alertmanager(settings) -> None:
              30, what="Alertmanager to load the shortened group_wait")
 
 
-def alert_posts(seen: list[dict], alert: str = ALERT) -> list[dict]:
-    """Alertmanager's webhook POSTs among the receiver's requests that carry `alert`."""
-    return [r for r in seen if r["method"] == "POST" and r["json"]
+def alert_posts(seen: list[dict], alert: str = ALERT, path: str = "/alerts") -> list[dict]:
+    """Alertmanager's webhook POSTs to `path` among the receiver's requests that carry `alert`."""
+    return [r for r in seen if r["method"] == "POST" and r["json"] and r["path"] == path
             and any(a["labels"].get("alertname") == alert for a in r["json"].get("alerts", []))]
 
 
@@ -83,7 +88,7 @@ def test_a_candidate_with_no_model_is_reported_to_the_webhook_by_alertmanager(tm
     rules_dir = tmp_path / "rules"
     rules_dir.mkdir()
     with answering(200) as (url, seen):
-        settings = fleet_settings(tmp_path / "run", webhook_url=f"{url}/alerts")
+        settings = fleet_settings(tmp_path / "run", webhook_url=f"{url}/alerts", watchdog_url=f"{url}/watchdog")
         try:
             state = stack.up(settings, only=("mlflow", "candidate", "alertmanager", "prometheus"), say=lambda _m: None)
             assert state["processes"]["alertmanager"]["healthy"], state["processes"]
@@ -97,20 +102,30 @@ def test_a_candidate_with_no_model_is_reported_to_the_webhook_by_alertmanager(tm
             # Firing after `for:`, then Alertmanager's group_wait before it sends.
             posts = wait_for(lambda: alert_posts(seen), 90, interval=1.0,
                              what=f"Alertmanager to POST {ALERT} to the webhook")
+            pings = wait_for(lambda: alert_posts(seen, "Watchdog", "/watchdog"), 60, interval=1.0,
+                             what="Alertmanager to POST the Watchdog to the dead-man's-switch URL")
         finally:
             stack.down(settings, say=lambda _m: None)
 
     post = posts[0]
     assert post["path"] == "/alerts"
     body = post["json"]
-    assert body["receiver"] == "abfleet" and body["status"] == "firing", body
+    # A warning: the `ticket` receiver, whose webhook is ABFLEET_WEBHOOK_URL.
+    assert body["receiver"] == "ticket" and body["status"] == "firing", body
     (alert,) = [a for a in body["alerts"] if a["labels"]["alertname"] == ALERT]
     assert alert["status"] == "firing"
     assert alert["labels"]["fleet_variant"] == "candidate"
     assert alert["labels"]["instance"] == f"{settings.host}:{settings.candidate_port}"
     assert alert["labels"]["severity"] == "warning"
-    assert alert["annotations"]["runbook"] == "README.md#abfleetcandidatenotready"
+    assert alert["annotations"]["runbook_url"] == "docs/runbooks/AbfleetCandidateNotReady.md"
+    assert (project_root() / alert["annotations"]["runbook_url"]).is_file()
     assert alert["annotations"]["summary"].startswith("candidate (")
+    # The Watchdog goes to its own receiver and URL only; people's alerts never go there.
+    ping = pings[0]["json"]
+    assert ping["receiver"] == "deadmans-switch" and ping["status"] == "firing", ping
+    assert [a["labels"]["alertname"] for a in ping["alerts"]] == ["Watchdog"], ping
+    assert not alert_posts(seen, "Watchdog", "/alerts"), "the Watchdog reached the people's webhook"
+    assert not alert_posts(seen, ALERT, "/watchdog"), f"{ALERT} reached the dead-man's-switch URL"
 
 
 SPOOL_ALERT = "AbfleetSpoolRefusing"
@@ -175,8 +190,9 @@ def test_a_full_spool_answers_503_and_alertmanager_tells_the_webhook(fleet, tmp_
                              what=f"Alertmanager to POST {SPOOL_ALERT} to the webhook")
             (alert,) = [a for a in posts[0]["json"]["alerts"] if a["labels"]["alertname"] == SPOOL_ALERT]
             assert alert["status"] == "firing" and alert["labels"]["severity"] == "critical", alert
+            assert posts[0]["json"]["receiver"] == "page", posts[0]["json"]
             assert alert["labels"]["fleet_variant"] == "production", alert
-            assert alert["annotations"]["runbook"] == "README.md#abfleetspoolrefusing"
+            assert alert["annotations"]["runbook_url"] == "docs/runbooks/AbfleetSpoolRefusing.md"
 
             pg.start()
             wait_for(lambda: session.post(f"{server}{api.PREDICT}", json=api.FLAT, timeout=30).status_code == 200,
