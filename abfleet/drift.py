@@ -222,20 +222,20 @@ def reference_for(settings) -> tuple[str, pd.DataFrame]:
     return version, reference
 
 
-def current_for(settings, days: float) -> pd.DataFrame:
-    """Prediction inputs and estimates of the last `days` days, with actual prices where users gave them."""
+def current_for(settings, days: float) -> tuple[int, pd.DataFrame]:
+    """(predictions of the last `days` days, a sample of at most `pipeline_sample_rows` of
+    them drawn in the database: inputs and estimates, with actual prices where users gave them)."""
     import datetime as dt
 
+    from abfleet import sampling
     from abfleet.store import open_store
 
     since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)
     with open_store(settings, create_schema=False) as store:
-        rows = store.predictions_since(since)
-        actual = store.actual_prices_since(since)
-    frame = pd.DataFrame(rows, columns=["id", "location", "total_sqft", "bhk", "bath", "estimated_price"])
-    if actual:
-        frame["price"] = frame["id"].map(actual)
-    return frame.drop(columns=["id"])
+        total, rows = sampling.sample(store, since, settings.pipeline_sample_rows, actual_price=True)
+    frame = pd.DataFrame(rows, columns=[*DRIFT_COLUMNS, PREDICTION, data.TARGET])
+    frame[data.TARGET] = pd.to_numeric(frame[data.TARGET]).astype(float)
+    return total, frame
 
 
 def run(settings, *, days: float | None = None, now: datetime | None = None) -> dict:

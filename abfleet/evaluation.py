@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from abfleet import aggregates, fleet, prometheus, registry
+from abfleet import aggregates, fleet, prometheus, registry, sampling
 from abfleet.decision import CONTINUE, PROMOTE, ROLLBACK, DecisionPolicy, decide
 from abfleet.settings import VARIANTS, Settings, decision_policy
 from abfleet.store import open_store
@@ -67,7 +67,7 @@ def collect(settings: Settings, now: dt.datetime | None = None) -> dict:
     for v in VARIANTS:
         stats["variants"][v]["people"] = people[v]
     out["stats"] = stats
-    out["arms"] = arms_check(settings, since)
+    out["arms"] = arms_check(settings, since, arms)
     if out["arms"].get("drift_detected"):
         # Users were assigned at random, so the arms' inputs must look alike; if not, the
         # split is broken and no comparison between them can be trusted.
@@ -76,21 +76,28 @@ def collect(settings: Settings, now: dt.datetime | None = None) -> dict:
     return out
 
 
-def arms_check(settings: Settings, since: dt.datetime) -> dict:
-    """Do production and candidate get inputs from the same distribution since the start?"""
+def arms_check(settings: Settings, since: dt.datetime, arms: dict[str, str] | None = None) -> dict:
+    """Do production and candidate get inputs from the same distribution since the start?
+
+    Each arm (arm → model version; any version when not given) is read as its count and a
+    sample of at most `settings.pipeline_sample_rows` rows drawn in the database."""
     try:
         import pandas as pd
 
         from abfleet import drift  # needs evidently, which only the pipeline extra installs
     except ImportError as exc:  # Evidently lives in the pipeline extra
         return {"drift_detected": None, "reason": f"not checked: {exc.name} is not installed"}
+    frames, counts = {}, {}
     with open_store(settings, create_schema=False) as store:
-        rows = pd.DataFrame(store.predictions_since(since))
-    if rows.empty:
+        for v in VARIANTS:
+            counts[v], rows = sampling.sample(store, since, settings.pipeline_sample_rows, variant=v,
+                                              version=(arms or {}).get(v))
+            frames[v] = pd.DataFrame(rows, columns=sampling.SAMPLE_COLUMNS)
+    if not any(counts.values()):
         return {"drift_detected": None, "reason": "no predictions logged since the candidate started"}
-    arms = {v: rows[rows.variant == v] for v in VARIANTS}
-    policy = drift.DriftPolicy(min_rows=settings.arms_min_rows)
-    return drift.arms_same_distribution(arms["production"], arms["candidate"], policy)
+    policy = drift.DriftPolicy(min_rows=settings.arms_min_rows, max_rows=settings.pipeline_sample_rows)
+    summary = drift.arms_same_distribution(frames["production"], frames["candidate"], policy)
+    return {**summary, "arm_rows": counts, "sampled_rows": {v: len(f) for v, f in frames.items()}}
 
 
 def judge(collected: dict, policy: DecisionPolicy | None = None) -> dict:

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 from abfleet.decision import DecisionPolicy
 
 VARIANTS = ("production", "candidate")
+DRIFT_VERDICTS = ("features", "share")
 
 
 def default_run_dir() -> Path:
@@ -93,6 +94,16 @@ class Settings:
     # The hourly check that both arms get the same inputs needs this many rows in each arm:
     # Evidently's drift thresholds flag same-distribution samples of a few hundred rows.
     arms_min_rows: int = 1000
+    # The most predictions a job reads for one side of a comparison (the drift job's current
+    # window, each arm of the hourly check): a deterministic sample drawn in the database
+    # (abfleet.sampling), whatever the traffic; counts are aggregated there too.
+    pipeline_sample_rows: int = 5000
+    # The dataset-level drift verdict: "features" (drift when any of the model's inputs
+    # drifts; the estimate and the actual price are reported beside it as prediction and
+    # target drift), or "share" (Evidently's rule: at least drift_share of all compared
+    # columns drifted).
+    drift_verdict: str = "features"
+    drift_share: float = 0.5
 
     workers: int = 2
     threads: int = 4
@@ -264,6 +275,13 @@ class Settings:
         for name, floor in (("router_predict_burst", 0), ("router_feedback_burst", 0), ("router_connections_per_address", 1)):
             if getattr(self, name) < floor:
                 raise ValueError(f"ABFLEET_{name.upper()} must be at least {floor}, got {getattr(self, name)}")
+        if self.pipeline_sample_rows < max(self.drift_min_rows, self.arms_min_rows):
+            raise ValueError(f"ABFLEET_PIPELINE_SAMPLE_ROWS must be at least ABFLEET_DRIFT_MIN_ROWS and ABFLEET_ARMS_MIN_ROWS "
+                             f"(else no verdict is ever possible), got {self.pipeline_sample_rows}")
+        if self.drift_verdict not in DRIFT_VERDICTS:
+            raise ValueError(f"ABFLEET_DRIFT_VERDICT must be one of {', '.join(DRIFT_VERDICTS)}, got {self.drift_verdict!r}")
+        if not 0 < self.drift_share <= 1:
+            raise ValueError(f"ABFLEET_DRIFT_SHARE must be in (0, 1], got {self.drift_share}")
         for name in ("db_connect_timeout_s", "db_statement_timeout_s", "db_check_interval_s"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"ABFLEET_{name.upper()} must be a positive number of seconds, got {getattr(self, name)}")

@@ -95,6 +95,14 @@ fleet_state = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# Indexes of the jobs' queries (revision 0002_query_indexes): windows by time, arms by
+# variant and version, people by user.
+sa.Index("ix_predictions_arm", predictions.c.variant, predictions.c.model_version, predictions.c.created_at)
+sa.Index("ix_predictions_user_id", predictions.c.user_id)
+sa.Index("ix_feedback_arm", feedback.c.variant, feedback.c.model_version, feedback.c.kind, feedback.c.created_at)
+sa.Index("ix_feedback_created_at", feedback.c.created_at)
+sa.Index("ix_feedback_user_id", feedback.c.user_id)
+
 FEEDBACK_KIND = {"rating": "rating", "accurate": "quick", "too_high": "quick", "too_low": "quick", "actual_price": "actual_price"}
 
 
