@@ -104,6 +104,9 @@ class Settings:
     # columns drifted).
     drift_verdict: str = "features"
     drift_share: float = 0.5
+    # A numerical input drifts when its distance to the reference is at least this (see
+    # abfleet.drift.DriftPolicy.num_threshold; Evidently's own is 0.1).
+    drift_num_threshold: float = 0.15
 
     workers: int = 2
     threads: int = 4

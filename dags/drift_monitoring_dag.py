@@ -39,7 +39,9 @@ def drift_monitoring():
 
         summary = drift.run(Settings.from_env())
         verdict = {True: "DRIFT", False: "no drift", None: f"no verdict ({summary.get('reason')})"}[summary["drift_detected"]]
-        print(f"{verdict}; drifted columns: {summary['drifted_columns']}; report: {summary['report']}")
+        print(f"{verdict} ({summary['verdict']} verdict); drifted columns: {summary['drifted_columns']}; "
+              f"prediction drift: {summary['prediction_drift']}; target drift: {summary['target_drift']}; "
+              f"experiment touched: {summary['experiment'].get('touched')}; report: {summary['report']}")
         return summary
 
     @task.branch
@@ -49,11 +51,12 @@ def drift_monitoring():
 
     @task
     def notify(summary: dict) -> str | None:
-        """Tell the team through the webhook (when one is configured)."""
-        from abfleet import fleet
+        """Tell the team through the webhook (when one is configured): the report's link, the
+        drifted columns and their scores, and whether the running experiment sees the drift."""
+        from abfleet import drift, fleet
         from abfleet.settings import Settings
 
-        return fleet.notify(Settings.from_env(), {"event": "drift", **summary})
+        return fleet.notify(Settings.from_env(), drift.notification(summary))
 
     @task
     def done(summary: dict) -> None:
