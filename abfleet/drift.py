@@ -62,6 +62,10 @@ class DriftPolicy:
     location_min_share: float = 0.01  # rarer reference locations are compared as "other" (see module doc)
 
 
+class NoReference(LookupError):
+    """No @production model, so no training data to compare the traffic with: the drift job cannot run (yet)."""
+
+
 @dataclass(frozen=True)
 class DriftResult:
     """`summary` is the JSON-safe contract (see `check`); `html` is Evidently's report or None."""
@@ -272,7 +276,7 @@ def reference_for(settings) -> tuple[str, pd.DataFrame]:
 
     version = registry.version_for(settings, "production")
     if version is None:
-        raise LookupError("no @production model: nothing to compare the traffic with")
+        raise NoReference("no @production model: nothing to compare the traffic with")
     info = registry.version_info(settings, version)
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=info.run_id, artifact_path="data/train.csv", dst_path=tmp,
