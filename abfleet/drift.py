@@ -4,12 +4,13 @@
 daily DAG and `abfleet drift` need. Evidently is imported lazily, so this module imports in
 the serving image too; only `check` and its callers need the `pipeline` extra.
 
-Per-column tests are Evidently 0.7's defaults, which it picks from the *reference* size:
-reference > 1000 rows: location -> "Jensen-Shannon distance"; numerical columns with > 5 distinct
-values -> "Wasserstein distance (normed)", with <= 5 -> "Jensen-Shannon distance"; all drift when
-score >= 0.1. Reference <= 1000 rows: location -> "chi-square p_value", numerical -> "K-S p_value"
-(<= 5 distinct values: "chi-square p_value"; 2: "Z-test p_value"); drift when p < 0.05.
-`columns[name]["test"]` is the name Evidently reports, so the direction of `score` follows from it.
+Per-column tests are the distances Evidently 0.7 picks for a reference of more than 1000 rows,
+at every size (below that it would switch to p-value tests, whose 5% false alarms per column
+add up when any drifted input is drift): location -> "Jensen-Shannon distance"; numerical
+columns with > 5 distinct reference values -> "Wasserstein distance (normed)", with <= 5 ->
+"Jensen-Shannon distance". location drifts when score >= 0.1 (Evidently's threshold),
+numerical columns when score >= `DriftPolicy.num_threshold`. `columns[name]["test"]` is the
+name Evidently reports.
 
 One deliberate deviation: before testing, locations holding < `location_min_share` of the
 reference rows (and any location unknown to the reference) are folded into "other". Jensen-Shannon
@@ -41,7 +42,9 @@ CATEGORICAL: list[str] = ["location"]
 # (DRIFT_COLUMNS) drifted; "share" = Evidently's rule, at least drift_share of all compared
 # columns (the estimate and the actual price included) drifted.
 VERDICTS = ("features", "share")
-DISTANCE_REFERENCE_ROWS = 1000  # above this many reference rows Evidently's default tests are distances
+FEW_VALUES = 5  # a numerical column with at most this many distinct values is compared as categories
+# Evidently's names of the tests we ask for by id (what its own choice would report).
+TEST_NAMES = {"jensenshannon": "Jensen-Shannon distance", "wasserstein": "Wasserstein distance (normed)"}
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,7 @@ class DriftPolicy:
     drift_share: float = 0.5  # the "share" verdict: drift when share of drifted columns >= this
     verdict: str = "features"  # see VERDICTS
     # A numerical column drifts when its distance (Wasserstein normed; Jensen-Shannon for <= 5
-    # distinct values) is >= this; only where Evidently picks distances (reference >
-    # DISTANCE_REFERENCE_ROWS rows). Evidently's 0.1 sits inside the noise of same-distribution
+    # distinct values) is >= this. Evidently's 0.1 sits inside the noise of same-distribution
     # windows of 500-1000 rows (total_sqft up to 0.11 measured), and with "any input" as the
     # verdict each column's false alarms add up. Categorical columns keep Evidently's 0.1.
     num_threshold: float | None = 0.15
@@ -115,8 +117,9 @@ def check(reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPolicy = 
     ref, cur = _prepare(reference, columns, policy), _prepare(current, columns, policy)
     vocabulary = _vocabulary(ref["location"], policy.location_min_share)
     ref["location"], cur["location"] = _fold(ref["location"], vocabulary), _fold(cur["location"], vocabulary)
-    threshold = policy.num_threshold if len(ref) > DISTANCE_REFERENCE_ROWS else None
-    result, html = _run_evidently(ref, cur, columns, policy.drift_share, threshold)
+    methods = {c: "jensenshannon" if c in CATEGORICAL or ref[c].nunique() <= FEW_VALUES else "wasserstein"
+               for c in columns}
+    result, html = _run_evidently(ref, cur, columns, policy.drift_share, policy.num_threshold, methods)
     share_verdict = result.pop("share_drift")
     summary.update(result)
     drifted = set(summary["drifted_columns"])
@@ -182,14 +185,15 @@ def _fold(locations: pd.Series, vocabulary: set[str]) -> pd.Series:
 
 
 def _run_evidently(ref: pd.DataFrame, cur: pd.DataFrame, columns: list[str],
-                   drift_share: float, num_threshold: float | None) -> tuple[dict[str, Any], str]:
+                   drift_share: float, num_threshold: float | None,
+                   methods: dict[str, str]) -> tuple[dict[str, Any], str]:
     from evidently import DataDefinition, Dataset, Report, __version__
     from evidently.presets import DataDriftPreset
 
     definition = DataDefinition(categorical_columns=[c for c in columns if c in CATEGORICAL],
                                 numerical_columns=[c for c in columns if c not in CATEGORICAL])
-    report = Report([DataDriftPreset(columns=columns, drift_share=drift_share, num_threshold=num_threshold)],
-                    include_tests=True)
+    report = Report([DataDriftPreset(columns=columns, drift_share=drift_share, num_threshold=num_threshold,
+                                     per_column_method=methods)], include_tests=True)
     snapshot = report.run(Dataset.from_pandas(cur, data_definition=definition),
                           Dataset.from_pandas(ref, data_definition=definition))
     result = snapshot.dict()
@@ -205,7 +209,7 @@ def _run_evidently(ref: pd.DataFrame, cur: pd.DataFrame, columns: list[str],
     for test in result["tests"]:  # FAIL = drift: per column (ValueDrift), dataset (share < drift_share)
         params = test["metric_config"]["params"]
         if params["type"].endswith(":ValueDrift"):
-            per_column[params["column"]] = {"test": str(params["method"]), "score": scores[params["column"]],
+            per_column[params["column"]] = {"test": TEST_NAMES.get(str(params["method"]), str(params["method"])), "score": scores[params["column"]],
                                             "drifted": test["status"] == "FAIL"}
         elif params["type"].endswith(":DriftedColumnsCount"):
             dataset_drift = test["status"] == "FAIL"

@@ -214,3 +214,10 @@ def test_the_notification_carries_the_report_link_and_drifted_scores(drifted: dr
     assert body["scores"]["total_sqft"]["score"] == summary["columns"]["total_sqft"]["score"]
     assert set(body["scores"]) == set(summary["drifted_columns"])
     json.dumps(body, allow_nan=False)
+
+
+def test_small_samples_are_judged_by_the_same_distances(reference: pd.DataFrame, same: pd.DataFrame) -> None:
+    # Below 1000 reference rows Evidently would switch to p-value tests (5% false alarms each).
+    s = drift.check(reference.sample(800, random_state=3), same.sample(800, random_state=4)).summary
+    assert {c["test"] for c in s["columns"].values()} <= {"Jensen-Shannon distance", "Wasserstein distance (normed)"}
+    assert s["columns"]["location"]["test"] == "Jensen-Shannon distance" and s["drift_detected"] is False, s
