@@ -107,6 +107,8 @@ class Settings:
     # A numerical input drifts when its distance to the reference is at least this (see
     # abfleet.drift.DriftPolicy.num_threshold; Evidently's own is 0.1).
     drift_num_threshold: float = 0.15
+    # `abfleet bench pipeline`: a PostgreSQL server on which it may create (and drop) a scratch database.
+    bench_postgres_url: str = ""
 
     workers: int = 2
     threads: int = 4
