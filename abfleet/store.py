@@ -292,6 +292,8 @@ class Store:
             return int(conn.execute(query).scalar_one())
 
     def predictions_since(self, since: dt.datetime) -> list[dict]:
+        """Every prediction since then, as dicts: for tests and small stores only. The jobs
+        read counts and bounded samples instead (abfleet.aggregates, abfleet.sampling)."""
         self.settle()
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(predictions).where(predictions.c.created_at >= since)).mappings().all()
