@@ -1,7 +1,8 @@
 """`make demo`: the main job on the local stack, from nothing to a serving A/B fleet.
 
-Synthetic data → production and candidate models → `abfleet up` → a few hundred requests
-through the router → the URLs and the split it observed. On an interactive terminal the
+Synthetic data → production and candidate models (production's data published as the first
+dataset version, for the training DAG) → `abfleet up` → a few hundred requests through the
+router → the URLs and the split it observed. On an interactive terminal the
 stack keeps running; otherwise (CI) it is stopped at the end.
 """
 
@@ -14,10 +15,11 @@ import time
 import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import requests
 
-from abfleet import api, data, registry, router, stack, train
+from abfleet import api, data, objects, registry, router, stack, train
 from abfleet.settings import Settings, in_ci
 
 
@@ -25,17 +27,41 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def ensure_models(settings: Settings) -> dict[str, str]:
-    """Train production and candidate on synthetic rows unless the registry has them."""
+SEEDS = {"production": 1, "candidate": 2}  # the synthetic rows each model is trained on
+ROWS = 10_000
+
+
+def training_csv(settings: Settings, alias: str) -> Path:
+    """The raw CSV the demo trains @alias on (written when missing; the same rows every time)."""
     folder = settings.run_dir / "datasets"
     folder.mkdir(parents=True, exist_ok=True)
+    csv = folder / f"synth-{alias}-seed{SEEDS[alias]}.csv"
+    if not csv.exists():
+        data.write_raw(data.synth(ROWS, seed=SEEDS[alias]), csv)
+    return csv
+
+
+def ensure_dataset(settings: Settings) -> str:
+    """The first dataset version is production's training data, so that the training DAG
+    has something to train on from the start; a store holding versions already is left alone."""
+    store = objects.open_store(settings)
+    found = objects.dataset_versions(store)
+    if found:
+        say(f"dataset {found[-1][1]} is in the object store already")
+        return found[-1][1]
+    key = objects.publish_dataset(store, training_csv(settings, "production"))
+    say(f"published production's training data as {key} (what the training DAG trains on)")
+    return key
+
+
+def ensure_models(settings: Settings) -> dict[str, str]:
+    """Train production and candidate on synthetic rows unless the registry has them."""
     versions = registry.aliases(settings)
-    for alias, seed in (("production", 1), ("candidate", 2)):
+    for alias, seed in SEEDS.items():
         if versions.get(alias):
             say(f"@{alias} is version {versions[alias]} already: not retraining")
             continue
-        csv = folder / f"synth-{alias}-seed{seed}.csv"
-        data.write_raw(data.synth(10_000, seed=seed), csv)
+        csv = training_csv(settings, alias)
         say(f"training @{alias} on {csv.name}")
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -93,6 +119,7 @@ def main() -> int:
     say("starting the local stack (MLflow, two model servers, nginx, Prometheus)")
     stack.up(settings, say=say)
     versions = ensure_models(settings)
+    ensure_dataset(settings)
     say("waiting for both servers to load their models")
     wait_serving(settings, versions)
     say("sending 300 requests from distinct users through the router")

@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from abfleet import aggregates, fleet, prometheus, registry
+from abfleet import aggregates, fleet, prometheus, registry, sampling
 from abfleet.decision import CONTINUE, PROMOTE, ROLLBACK, DecisionPolicy, decide
 from abfleet.settings import VARIANTS, Settings, decision_policy
 from abfleet.store import open_store
@@ -67,7 +67,8 @@ def collect(settings: Settings, now: dt.datetime | None = None) -> dict:
     for v in VARIANTS:
         stats["variants"][v]["people"] = people[v]
     out["stats"] = stats
-    out["arms"] = arms_check(settings, since)
+    out["arms"] = arms_check(settings, since, arms)
+    out["drift"] = latest_drift(settings)
     if out["arms"].get("drift_detected"):
         # Users were assigned at random, so the arms' inputs must look alike; if not, the
         # split is broken and no comparison between them can be trusted.
@@ -76,21 +77,44 @@ def collect(settings: Settings, now: dt.datetime | None = None) -> dict:
     return out
 
 
-def arms_check(settings: Settings, since: dt.datetime) -> dict:
-    """Do production and candidate get inputs from the same distribution since the start?"""
+def arms_check(settings: Settings, since: dt.datetime, arms: dict[str, str] | None = None) -> dict:
+    """Do production and candidate get inputs from the same distribution since the start?
+
+    Each arm (arm → model version; any version when not given) is read as its count and a
+    sample of at most `settings.pipeline_sample_rows` rows drawn in the database."""
     try:
         import pandas as pd
 
         from abfleet import drift  # needs evidently, which only the pipeline extra installs
     except ImportError as exc:  # Evidently lives in the pipeline extra
         return {"drift_detected": None, "reason": f"not checked: {exc.name} is not installed"}
+    frames, counts = {}, {}
     with open_store(settings, create_schema=False) as store:
-        rows = pd.DataFrame(store.predictions_since(since))
-    if rows.empty:
+        for v in VARIANTS:
+            counts[v], rows = sampling.sample(store, since, settings.pipeline_sample_rows, variant=v,
+                                              version=(arms or {}).get(v))
+            frames[v] = pd.DataFrame(rows, columns=sampling.SAMPLE_COLUMNS)
+    if not any(counts.values()):
         return {"drift_detected": None, "reason": "no predictions logged since the candidate started"}
-    arms = {v: rows[rows.variant == v] for v in VARIANTS}
-    policy = drift.DriftPolicy(min_rows=settings.arms_min_rows)
-    return drift.arms_same_distribution(arms["production"], arms["candidate"], policy)
+    policy = drift.DriftPolicy(min_rows=settings.arms_min_rows, max_rows=settings.pipeline_sample_rows)
+    summary = drift.arms_same_distribution(frames["production"], frames["candidate"], policy)
+    return {**summary, "arm_rows": counts, "sampled_rows": {v: len(f) for v, f in frames.items()}}
+
+
+def latest_drift(settings: Settings) -> dict | None:
+    """The daily drift job's latest verdict, reported beside the decision: whether the inputs
+    drifted, which columns, and whether both arms of the experiment see it. None when there
+    is none (or the store cannot say)."""
+    try:
+        with open_store(settings, create_schema=False) as store:
+            summary = store.get_state("drift_summary")
+    except Exception:  # the store's trouble is reported by `people` already
+        return None
+    if not summary:
+        return None
+    keys = ("checked_at", "drift_detected", "drifted_columns", "prediction_drift", "target_drift", "report")
+    return {**{k: summary.get(k) for k in keys},
+            "touches_experiment": (summary.get("experiment") or {}).get("touched")}
 
 
 def judge(collected: dict, policy: DecisionPolicy | None = None) -> dict:
@@ -116,7 +140,8 @@ def act(settings: Settings, collected: dict, outcome: dict, *, dry_run: bool = F
     reasons = list(outcome.get("reasons") or [])
     record: dict[str, Any] = {"decision": decision, "reasons": reasons, "source": source, "applied": False,
                               "dry_run": dry_run, "production_version": collected.get("production_version"),
-                              "candidate_version": collected.get("candidate_version"), "at": collected.get("at")}
+                              "candidate_version": collected.get("candidate_version"), "at": collected.get("at"),
+                              "drift": collected.get("drift")}
     if dry_run:
         return record
     if decision in (PROMOTE, ROLLBACK) and collected.get("candidate_version"):
@@ -159,7 +184,7 @@ def _record(settings: Settings, record: dict, outcome: dict, collected: dict) ->
     details = {"stats": collected.get("stats"), "checks": outcome.get("checks"), "score": outcome.get("score"),
                "flags": outcome.get("flags", []), "action": record.get("action"), "refused": record.get("refused"),
                "since": collected.get("since"),
-               "arms": collected.get("arms"), "problems": collected.get("problems")}
+               "arms": collected.get("arms"), "drift": collected.get("drift"), "problems": collected.get("problems")}
     with open_store(settings) as store:
         decision_id = store.record_decision(record["decision"], record["source"], record["applied"], record["reasons"],
                                             details, record["production_version"], record["candidate_version"])

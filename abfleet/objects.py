@@ -13,6 +13,10 @@ from abfleet.settings import Settings
 DATASET_KEY = re.compile(r"datasets/train_V(\d+)\.csv$")
 
 
+class NoDataset(FileNotFoundError):
+    """No dataset version in the object store: a job that trains on one cannot run (yet)."""
+
+
 class ObjectStore(Protocol):
     def put_file(self, path: Path, key: str) -> str: ...
     def put_bytes(self, body: bytes, key: str, content_type: str = "application/octet-stream") -> str: ...
@@ -99,6 +103,14 @@ def dataset_versions(store: ObjectStore) -> list[tuple[int, str]]:
     """(n, key) of every `datasets/train_V{n}.csv`, oldest first."""
     found = [(int(m.group(1)), key) for key in store.keys("datasets/") if (m := DATASET_KEY.search(key))]
     return sorted(found)
+
+
+def newest_dataset(store: ObjectStore) -> str:
+    """The key of the newest dataset version; raises NoDataset when there is none."""
+    versions = dataset_versions(store)
+    if not versions:
+        raise NoDataset("no datasets/train_V{n}.csv in the object store: publish one with `abfleet data publish CSV`")
+    return versions[-1][1]
 
 
 def publish_dataset(store: ObjectStore, csv: Path) -> str:

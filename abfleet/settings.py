@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 from abfleet.decision import DecisionPolicy
 
 VARIANTS = ("production", "candidate")
+DRIFT_VERDICTS = ("features", "share")
 
 
 def default_run_dir() -> Path:
@@ -98,6 +99,21 @@ class Settings:
     # The hourly check that both arms get the same inputs needs this many rows in each arm:
     # Evidently's drift thresholds flag same-distribution samples of a few hundred rows.
     arms_min_rows: int = 1000
+    # The most predictions a job reads for one side of a comparison (the drift job's current
+    # window, each arm of the hourly check): a deterministic sample drawn in the database
+    # (abfleet.sampling), whatever the traffic; counts are aggregated there too.
+    pipeline_sample_rows: int = 5000
+    # The dataset-level drift verdict: "features" (drift when any of the model's inputs
+    # drifts; the estimate and the actual price are reported beside it as prediction and
+    # target drift), or "share" (Evidently's rule: at least drift_share of all compared
+    # columns drifted).
+    drift_verdict: str = "features"
+    drift_share: float = 0.5
+    # A numerical input drifts when its distance to the reference is at least this (see
+    # abfleet.drift.DriftPolicy.num_threshold; Evidently's own is 0.1).
+    drift_num_threshold: float = 0.15
+    # `abfleet bench pipeline`: a PostgreSQL server on which it may create (and drop) a scratch database.
+    bench_postgres_url: str = ""
 
     workers: int = 2
     threads: int = 4
@@ -290,6 +306,13 @@ class Settings:
                 raise ValueError(f"ABFLEET_{name.upper()} must be at least {floor}, got {getattr(self, name)}")
         if self.feedback_spool_max_rows < 0:
             raise ValueError(f"ABFLEET_FEEDBACK_SPOOL_MAX_ROWS must be >= 0, got {self.feedback_spool_max_rows}")
+        if self.pipeline_sample_rows < max(self.drift_min_rows, self.arms_min_rows):
+            raise ValueError(f"ABFLEET_PIPELINE_SAMPLE_ROWS must be at least ABFLEET_DRIFT_MIN_ROWS and ABFLEET_ARMS_MIN_ROWS "
+                             f"(else no verdict is ever possible), got {self.pipeline_sample_rows}")
+        if self.drift_verdict not in DRIFT_VERDICTS:
+            raise ValueError(f"ABFLEET_DRIFT_VERDICT must be one of {', '.join(DRIFT_VERDICTS)}, got {self.drift_verdict!r}")
+        if not 0 < self.drift_share <= 1:
+            raise ValueError(f"ABFLEET_DRIFT_SHARE must be in (0, 1], got {self.drift_share}")
         for name in ("db_connect_timeout_s", "db_statement_timeout_s", "db_check_interval_s", "feedback_pending_max_age_s"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"ABFLEET_{name.upper()} must be a positive number of seconds, got {getattr(self, name)}")

@@ -98,6 +98,14 @@ fleet_state = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# Indexes of the jobs' queries (revision 0003): windows by time, arms by
+# variant and version, people by user.
+sa.Index("ix_predictions_arm", predictions.c.variant, predictions.c.model_version, predictions.c.created_at)
+sa.Index("ix_predictions_user_id", predictions.c.user_id)
+sa.Index("ix_feedback_arm", feedback.c.variant, feedback.c.model_version, feedback.c.kind, feedback.c.created_at)
+sa.Index("ix_feedback_created_at", feedback.c.created_at)
+sa.Index("ix_feedback_user_id", feedback.c.user_id)
+
 FEEDBACK_KIND = {"rating": "rating", "accurate": "quick", "too_high": "quick", "too_low": "quick", "actual_price": "actual_price",
                  "comment": "comment"}
 
@@ -288,6 +296,8 @@ class Store:
             return int(conn.execute(query).scalar_one())
 
     def predictions_since(self, since: dt.datetime) -> list[dict]:
+        """Every prediction since then, as dicts: for tests and small stores only. The jobs
+        read counts and bounded samples instead (abfleet.aggregates, abfleet.sampling)."""
         self.settle()
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(predictions).where(predictions.c.created_at >= since)).mappings().all()

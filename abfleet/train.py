@@ -149,10 +149,7 @@ def train_candidate(settings: Settings, *, force: bool = False, progress: Callab
     from abfleet import objects
 
     store = objects.open_store(settings)
-    versions = objects.dataset_versions(store)
-    if not versions:
-        raise FileNotFoundError("no datasets/train_V{n}.csv in the object store: publish one with `abfleet data publish CSV`")
-    n, key = versions[-1]
+    key = objects.newest_dataset(store)  # objects.NoDataset when there is none: nothing to train on
     with tempfile.TemporaryDirectory() as tmp:
         csv = store.get_file(key, Path(tmp) / Path(key).name)
         progress(f"newest dataset: {key}")

@@ -8,6 +8,7 @@ import pendulum
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import dag, task
+from airflow.sdk.exceptions import AirflowSkipException
 
 
 @dag(
@@ -28,7 +29,8 @@ def drift_monitoring():
     `DataDriftPreset`; the HTML report goes to the object store under a dated key and the
     summary to the store (`GET /api/drift_report`, Prometheus gauges). Drift → `retrain`
     triggers `train_candidate` and `notify` calls the webhook; no drift, or too little
-    data for a verdict → `done`.
+    data for a verdict → `done`. With no @production model yet the run ends skipped, with
+    the reason, rather than failed.
     """
 
     @task
@@ -37,9 +39,14 @@ def drift_monitoring():
         from abfleet import drift
         from abfleet.settings import Settings
 
-        summary = drift.run(Settings.from_env())
+        try:
+            summary = drift.run(Settings.from_env())
+        except drift.NoReference as exc:
+            raise AirflowSkipException(f"no drift check: {exc}") from None
         verdict = {True: "DRIFT", False: "no drift", None: f"no verdict ({summary.get('reason')})"}[summary["drift_detected"]]
-        print(f"{verdict}; drifted columns: {summary['drifted_columns']}; report: {summary['report']}")
+        print(f"{verdict} ({summary['verdict']} verdict); drifted columns: {summary['drifted_columns']}; "
+              f"prediction drift: {summary['prediction_drift']}; target drift: {summary['target_drift']}; "
+              f"experiment touched: {summary['experiment'].get('touched')}; report: {summary['report']}")
         return summary
 
     @task.branch
@@ -49,11 +56,12 @@ def drift_monitoring():
 
     @task
     def notify(summary: dict) -> str | None:
-        """Tell the team through the webhook (when one is configured)."""
-        from abfleet import fleet
+        """Tell the team through the webhook (when one is configured): the report's link, the
+        drifted columns and their scores, and whether the running experiment sees the drift."""
+        from abfleet import drift, fleet
         from abfleet.settings import Settings
 
-        return fleet.notify(Settings.from_env(), {"event": "drift", **summary})
+        return fleet.notify(Settings.from_env(), drift.notification(summary))
 
     @task
     def done(summary: dict) -> None:

@@ -7,6 +7,7 @@ import datetime
 import pendulum
 
 from airflow.sdk import Param, dag, task
+from airflow.sdk.exceptions import AirflowSkipException
 
 
 @dag(
@@ -31,17 +32,23 @@ def train_candidate():
     than the configured margin. A running experiment younger than its minimum run keeps its
     candidate (the new version is registered and tagged `candidate_deferred`) unless the run
     is triggered with `{"force": true}`; so a drift-triggered retrain never resets a young
-    experiment. `report` says what happened and why.
+    experiment. `report` says what happened and why. With no dataset in the object store
+    the run ends skipped, the reason in `train`'s log, rather than failed.
     """
 
     @task
     def train(params=None) -> dict:
-        """`abfleet.train.train_candidate`: the registered version and whether it became @candidate."""
+        """`abfleet.train.train_candidate`: the registered version and whether it became
+        @candidate; skipped, with the reason, when the object store holds no dataset yet."""
+        from abfleet import objects
         from abfleet import train as training
         from abfleet.settings import Settings
 
         force = bool((params or {}).get("force"))
-        return training.train_candidate(Settings.from_env(), force=force, progress=print)
+        try:
+            return training.train_candidate(Settings.from_env(), force=force, progress=print)
+        except objects.NoDataset as exc:
+            raise AirflowSkipException(f"nothing to train on: {exc}") from None
 
     @task
     def report(result: dict, dag_run=None) -> dict:

@@ -7,36 +7,44 @@ import sqlite3
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
 from abfleet import airflow_local, data, registry
 from abfleet.model import FastPredictor
 from abfleet.store import Store
-from tests.helpers import wait_for
+from tests.helpers import answering, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 def log_traffic(settings, frame) -> None:
-    """Predictions as the servers log them, made by the production model."""
-    version = registry.version_for(settings, "production")
-    predictor = FastPredictor(registry.load_model(settings, version))
+    """Predictions as the servers log them: every fifth to the candidate arm (estimates by
+    the production model, which is all the drift job compares)."""
+    versions = registry.aliases(settings)
+    predictor = FastPredictor(registry.load_model(settings, versions["production"]))
     store = Store(settings.db_url)
     store.init_schema()
     estimates = predictor.predict_many(frame)
+    arm = ["candidate" if i % 5 == 0 and versions["candidate"] else "production" for i in range(len(frame))]
     store.record_predictions([
-        {"id": uuid.uuid4().hex, "variant": "production", "model_version": version, "location": r.location,
+        {"id": uuid.uuid4().hex, "variant": a, "model_version": versions[a], "location": r.location,
          "total_sqft": float(r.total_sqft), "bhk": int(r.bhk), "bath": int(r.bath), "estimated_price": float(e),
          "latency_ms": 1.0, "user_id": "drift-test"}
-        for r, e in zip(frame.itertuples(), estimates)
+        for r, e, a in zip(frame.itertuples(), estimates, arm)
     ])
 
 
-def drifted(frame):
-    out = frame[frame.location.isin(frame.location.value_counts().index[:5])].copy()
-    out["total_sqft"] = out["total_sqft"] * 1.5
-    return out
+def location_mix_and_area_shift(frame):
+    """Only two of the model's inputs move: 35% of requests go to three mid-sized localities
+    and every flat is 30% larger; bedrooms and bathrooms stay as they were."""
+    rng = np.random.default_rng(0)
+    localities = list(frame.location.value_counts().index[11:14])
+    out = frame.copy()
+    moved = rng.random(len(out)) < 0.35
+    out.loc[moved, "location"] = rng.choice(localities, moved.sum())
+    return out.assign(total_sqft=out["total_sqft"] * 1.3)
 
 
 def triggered_training_runs(settings) -> int:
@@ -46,9 +54,16 @@ def triggered_training_runs(settings) -> int:
 
 
 @pytest.fixture
-def drift_settings(fleet, tmp_path):
+def webhook():
+    """A receiver for the fleet's webhook: its URL and the requests it got."""
+    with answering(200) as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def drift_settings(fleet, tmp_path, webhook):
     """The fleet's registry, with a store of its own so the traffic is exactly what we log."""
-    return fleet.settings.replace(database_url=f"sqlite:///{tmp_path / 'drift-store.db'}")
+    return fleet.settings.replace(database_url=f"sqlite:///{tmp_path / 'drift-store.db'}", webhook_url=f"{webhook[0]}/hook")
 
 
 def test_too_little_traffic_gives_no_verdict(drift_settings):
@@ -59,8 +74,8 @@ def test_too_little_traffic_gives_no_verdict(drift_settings):
     assert summary["drift_detected"] is None and "insufficient data" in summary["reason"]
 
 
-def test_drift_dag_retrains_on_drift_and_not_otherwise(fleet, drift_settings):
-    settings = drift_settings
+def test_drift_dag_retrains_on_drift_and_not_otherwise(fleet, drift_settings, webhook):
+    settings, (_url, received) = drift_settings, webhook
     same = data.clean(data.synth(4000, seed=41)).frame
     log_traffic(settings, same.head(1500))
     airflow_local.migrate(settings)
@@ -69,14 +84,25 @@ def test_drift_dag_retrains_on_drift_and_not_otherwise(fleet, drift_settings):
     summary = Store(settings.db_url).get_state("drift_summary")
     assert summary["drift_detected"] is False, summary
     assert triggered_training_runs(settings) == before, out[-3000:]
+    assert received == [], "no drift, no notification"
 
-    # Now most recent traffic is for bigger flats in a few places.
-    log_traffic(settings, drifted(data.clean(data.synth(20000, seed=42)).frame).head(4000))
+    # Now most recent traffic asks about other localities and larger flats; nothing else moved.
+    log_traffic(settings, location_mix_and_area_shift(data.clean(data.synth(20000, seed=42)).frame).head(4000))
     out = airflow_local.test_dag(settings, "drift_monitoring").stdout
     summary = Store(settings.db_url).get_state("drift_summary")
-    assert summary["drift_detected"] is True, summary
-    assert {"total_sqft", "location"} <= set(summary["drifted_columns"])
+    assert summary["drift_detected"] is True and summary["verdict"] == "features", summary
+    assert {"total_sqft", "location"} <= set(summary["drifted_columns"]), summary
+    assert not {"bhk", "bath"} & set(summary["drifted_columns"]), summary
+    assert summary["current_rows"] == 5500 and summary["sampled_rows"] == settings.pipeline_sample_rows
+    # Every fifth request went to the candidate: both arms see the shift.
+    assert summary["experiment"]["touched"] is True, summary["experiment"]
     assert triggered_training_runs(settings) == before + 1, out[-3000:]
+
+    # The team is told: the report's link, the drifted columns and their scores.
+    [note] = [r["json"] for r in received if r["path"] == "/hook"]
+    assert note["event"] == "drift" and note["report"] == summary["report"]
+    assert note["drifted_columns"] == summary["drifted_columns"]
+    assert note["scores"]["location"]["score"] == summary["columns"]["location"]["score"]
 
     # The stored report is Evidently's HTML and names the drifted columns.
     assert summary["report"].startswith("file://") and "/drift/" in summary["report"]

@@ -6,13 +6,15 @@ import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from abfleet import data as D
 from abfleet import drift
 
-CONTRACT_KEYS = {"drift_detected", "share_drifted", "drifted_columns", "columns", "reference_rows", "current_rows"}
+CONTRACT_KEYS = {"drift_detected", "share_drifted", "drifted_columns", "columns", "reference_rows", "current_rows",
+                 "verdict", "feature_drift", "prediction_drift", "target_drift"}
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +139,85 @@ def test_real_data_random_halves_do_not_drift() -> None:
     s = drift.check(first, second).summary
     assert s["drift_detected"] is False, s
     assert s["drifted_columns"] == [], s
+
+
+# ---- the dataset verdict --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_on() -> pd.DataFrame:
+    """Rows like the demo's training data (10,000 synthetic rows, cleaned)."""
+    return D.clean(D.synth(10_000, seed=1)).frame
+
+
+def window(rows: int, seed: int) -> pd.DataFrame:
+    """`rows` requests as users send them: an independent draw of the same distribution,
+    locations as asked (not renamed by cleaning a small window on its own)."""
+    raw = D.synth(int(rows * 1.3), seed=seed)
+    current = D.clean(raw).frame
+    current["location"] = raw.loc[current.index, "location"].str.strip().to_numpy()
+    return current.sample(rows, random_state=seed)
+
+
+def location_mix_and_area_shift(frame: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    """Only two inputs move: 35% of requests go to three mid-sized localities, and every
+    flat is 30% larger. Bedrooms, bathrooms and prices stay as they were."""
+    rng = np.random.default_rng(0)
+    localities = list(reference["location"].value_counts().index[11:14])
+    out = frame.copy()
+    moved = rng.random(len(out)) < 0.35
+    out.loc[moved, "location"] = rng.choice(localities, moved.sum())
+    return out.assign(total_sqft=out["total_sqft"] * 1.3)
+
+
+def test_same_distribution_gives_no_false_alarm_in_20_windows_of_1000_rows(trained_on: pd.DataFrame) -> None:
+    verdicts = []
+    for seed in range(100, 120):
+        s = drift.check(trained_on, window(1000, seed)).summary
+        verdicts.append((s["drift_detected"], s["drifted_columns"]))
+    assert verdicts == [(False, [])] * 20, verdicts
+
+
+def test_a_shift_of_location_mix_and_area_is_drift_under_the_default_verdict(trained_on: pd.DataFrame) -> None:
+    reference = trained_on.assign(estimated_price=trained_on["price"])
+    current = location_mix_and_area_shift(window(1000, 500), trained_on)
+    current = current.assign(estimated_price=current["price"])
+    s = drift.check(reference, current).summary
+    assert s["verdict"] == "features" and s["drift_detected"] is True and s["feature_drift"] is True, s
+    assert s["drifted_columns"] == ["location", "total_sqft"], s
+    assert s["prediction_drift"] is False and s["target_drift"] is False
+    # Evidently's own rule (half of all six columns) does not call two drifted inputs drift.
+    share = drift.check(reference, current, drift.DriftPolicy(verdict="share")).summary
+    assert share["drift_detected"] is False and share["drifted_columns"] == ["location", "total_sqft"], share
+    assert share["share_drifted"] == pytest.approx(2 / 6)
+
+
+def test_an_unknown_verdict_is_an_error(reference: pd.DataFrame, same: pd.DataFrame) -> None:
+    with pytest.raises(ValueError, match="features, share"):
+        drift.check(reference, same, drift.DriftPolicy(verdict="most"))
+
+
+def test_drift_touches_the_experiment_only_when_both_arms_see_it(trained_on: pd.DataFrame) -> None:
+    shifted = location_mix_and_area_shift(window(1000, 600), trained_on)
+    both = drift.touches_experiment(trained_on, {"production": shifted, "candidate": shifted.sample(frac=0.5, random_state=1)})
+    assert both["touched"] is True and both["arms"]["candidate"]["drifted_columns"] == ["location", "total_sqft"], both
+    one = drift.touches_experiment(trained_on, {"production": shifted, "candidate": window(1000, 601)})
+    assert one["touched"] is False and one["arms"]["candidate"]["drift_detected"] is False, one
+    few = drift.touches_experiment(trained_on, {"production": shifted, "candidate": shifted.head(10)})
+    assert few["touched"] is None and few["arms"]["candidate"]["rows"] == 10
+
+
+def test_the_notification_carries_the_report_link_and_drifted_scores(drifted: drift.DriftResult) -> None:
+    summary = {**drifted.summary, "report": "s3://bucket/abfleet/drift/x.html"}
+    body = drift.notification(summary)
+    assert body["event"] == "drift" and body["report"] == "s3://bucket/abfleet/drift/x.html"
+    assert body["drifted_columns"] == summary["drifted_columns"] and "total_sqft" in body["scores"]
+    assert body["scores"]["total_sqft"]["score"] == summary["columns"]["total_sqft"]["score"]
+    assert set(body["scores"]) == set(summary["drifted_columns"])
+    json.dumps(body, allow_nan=False)
+
+
+def test_small_samples_are_judged_by_the_same_distances(reference: pd.DataFrame, same: pd.DataFrame) -> None:
+    # Below 1000 reference rows Evidently would switch to p-value tests (5% false alarms each).
+    s = drift.check(reference.sample(800, random_state=3), same.sample(800, random_state=4)).summary
+    assert {c["test"] for c in s["columns"].values()} <= {"Jensen-Shannon distance", "Wasserstein distance (normed)"}
+    assert s["columns"]["location"]["test"] == "Jensen-Shannon distance" and s["drift_detected"] is False, s

@@ -48,3 +48,21 @@ def test_arms_check_flags_arms_that_receive_different_inputs(tmp_path):
     log(big.head(400), "candidate")
     verdict = evaluation.arms_check(settings, since)
     assert verdict["drift_detected"] is True and "bhk" in verdict["drifted_columns"]
+
+
+def test_the_latest_drift_verdict_is_reported_beside_the_decision(tmp_path):
+    from abfleet.store import Store
+
+    settings = Settings(run_dir=tmp_path)
+    store = Store(settings.db_url)
+    store.init_schema()
+    assert evaluation.latest_drift(settings) is None
+    store.set_state("drift_summary", {"checked_at": "2026-01-01T00:00:00+00:00", "drift_detected": True,
+                                      "drifted_columns": ["location", "total_sqft"], "prediction_drift": True,
+                                      "target_drift": None, "report": "file:///r.html", "columns": {},
+                                      "experiment": {"touched": True, "arms": {}}})
+    drift = evaluation.latest_drift(settings)
+    assert drift["drift_detected"] is True and drift["touches_experiment"] is True
+    assert drift["drifted_columns"] == ["location", "total_sqft"] and drift["report"] == "file:///r.html"
+    record = evaluation.act(settings, {"drift": drift, "at": "now"}, {"decision": "continue", "reasons": []}, dry_run=True)
+    assert record["drift"] == drift

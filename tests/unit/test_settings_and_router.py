@@ -34,6 +34,9 @@ def test_environment_overrides_with_types():
     ({"ABFLEET_ROUTER_PORT": "seven"}, "ABFLEET_ROUTER_PORT"),
     ({"VARIANT": "canary"}, "VARIANT"),
     ({"ABFLEET_CANDIDATE_WEIGHT": "120"}, "ABFLEET_CANDIDATE_WEIGHT"),
+    ({"ABFLEET_DRIFT_VERDICT": "most"}, "ABFLEET_DRIFT_VERDICT"),
+    ({"ABFLEET_DRIFT_SHARE": "0"}, "ABFLEET_DRIFT_SHARE"),
+    ({"ABFLEET_PIPELINE_SAMPLE_ROWS": "999"}, "ABFLEET_PIPELINE_SAMPLE_ROWS"),  # under arms_min_rows: never a verdict
 ])
 def test_bad_settings_say_which_variable(env, message):
     with pytest.raises(ValueError, match=message):
