@@ -11,6 +11,7 @@ from flask import Flask, current_app
 from abfleet import api, data
 from abfleet.metrics import FleetStateCollector, ServerMetrics
 from abfleet.readiness import DatabaseCheck
+from abfleet.reload_signal import ReloadSignal
 from abfleet.serving import Feedback, Loaded, ModelHolder, Predictions, RequestCounts
 from abfleet.settings import Settings
 from abfleet.store import Store
@@ -31,6 +32,7 @@ class Parts(TypedDict):
     fleet_registry: object  # a prometheus CollectorRegistry of the fleet's state (production exports it)
     database: DatabaseCheck
     fleet_state: FleetStateCollector
+    reload_signal: ReloadSignal | None  # how a reload call reaches this server's other workers
 
 
 def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, store: Store | None = None) -> Parts:
@@ -67,10 +69,13 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
         metrics.prime(variant, new.version, api.PREDICT)
         metrics.ready.set(1)  # a server never unloads its model: ready from the first one on
 
+    reload_signal = None
     if holder is None:
         holder = ModelHolder(settings, on_swap=on_swap)
         holder.refresh()
-        holder.start_watcher()
+        # The server's own folder: each server (replica) has its metrics folder.
+        reload_signal = ReloadSignal(settings.metrics_dir)
+        holder.start_watcher(reload_signal)
     elif holder.current is not None:
         on_swap(None, holder.current)
 
@@ -89,7 +94,8 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
                   counts=RequestCounts(metrics, variant),
                   predictions=Predictions(holder, store, data.known_locations(), on_refused=metrics.spool_refused.inc),
                   feedback=Feedback(store, settings),
-                  fleet_registry=fleet_registry, database=database, fleet_state=fleet_state)
+                  fleet_registry=fleet_registry, database=database, fleet_state=fleet_state,
+                  reload_signal=reload_signal)
     app.extensions[EXTENSION] = parts
     return parts
 
