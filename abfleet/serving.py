@@ -65,6 +65,7 @@ class ModelHolder:
         self._on_swap = on_swap
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._stopped = threading.Event()
         self._refused: dict[str, str] = {}  # version → why; not fetched again until wake()
 
     @classmethod
@@ -142,7 +143,7 @@ class ModelHolder:
         def loop() -> None:
             seen = signal.current() if signal is not None else ""
             asked = ""
-            while True:
+            while not self._stopped.is_set():
                 self.refresh()
                 if asked:
                     signal.ack(asked, self.version_header())
@@ -163,6 +164,11 @@ class ModelHolder:
         thread = threading.Thread(target=loop, name="model-watcher", daemon=True)
         thread.start()
         return thread
+
+    def stop_watcher(self) -> None:
+        """End the watcher's loop (tests that start one)."""
+        self._stopped.set()
+        self._wake.set()
 
 
 class PredictionIds:
