@@ -43,6 +43,9 @@ def _emit(args: argparse.Namespace, document: dict, text: str) -> None:
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     weight = router.parse_weights(args.weights) if args.weights else None
+    if args.replicas is not None:
+        settings = settings.replace(replicas=args.replicas)
+        settings.validate()
     _say(f"starting the local fleet in {settings.run_dir}")
     state = stack.up(settings, candidate_weight=weight, with_airflow=args.with_airflow, say=_say)
     if state["aliases"] and state["aliases"].get("production") is None:
@@ -177,6 +180,10 @@ def _decision_text(outcome: dict) -> str:
         if name == "people":  # who the comparison counted: users, and their events
             status = "; ".join(f"{arm} {c['rating_users']} users rated {c['ratings']} estimates, "
                                f"{c['price_users']} reported {c['actual_prices']} prices" for arm, c in check.items())
+        elif name == "replicas":  # each arm's servers Prometheus scrapes
+            status = "; ".join(f"{arm} {c['scraped']}/{c['expected']} scraped"
+                               + (f" (not scraped: {', '.join(c['missing'])})" if c["missing"] else "")
+                               for arm, c in check.items() if c)
         else:
             status = check.get("status", check.get("passed", ""))
         lines.append(f"  {name:<12} {status}")
@@ -253,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="production/candidate split in percent, e.g. 80/20 (default: the last used, or 80/20)")
     p.add_argument("--with-airflow", action="store_true",
                    help="also run Airflow (standalone, ~1 GB) with the project's DAGs unpaused, so the hourly evaluation fires")
+    p.add_argument("--replicas", type=int, metavar="N",
+                   help="model servers per variant (default ABFLEET_REPLICAS, 1); more than one needs PostgreSQL (DATABASE_URL)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="stop only what `up` started")

@@ -67,6 +67,13 @@ def collect(settings: Settings, now: dt.datetime | None = None) -> dict:
     for v in VARIANTS:
         stats["variants"][v]["people"] = people[v]
     out["stats"] = stats
+    out["replicas"] = replicas_check(stats["variants"])
+    for v, check in out["replicas"].items():
+        if check and check["missing"]:
+            # Its requests until it stopped are counted; any it answered unscraped are not, so
+            # the counts may be short: report it, and promote nothing until it is back.
+            out["problems"].append(f"{v}: {check['scraped']} of {check['expected']} servers scraped; not scraped now: "
+                                   + ", ".join(check["missing"]))
     out["arms"] = arms_check(settings, since, arms)
     out["drift"] = latest_drift(settings)
     if out["arms"].get("drift_detected"):
@@ -75,6 +82,12 @@ def collect(settings: Settings, now: dt.datetime | None = None) -> dict:
         out["problems"].append("the two arms receive different inputs (columns "
                                + ", ".join(out["arms"]["drifted_columns"]) + "): is the split broken?")
     return out
+
+
+def replicas_check(variants: dict) -> dict:
+    """Each arm's servers: how many Prometheus scraped during the experiment (`expected`),
+    how many it scrapes now, and the missing ones by name (None: Prometheus did not answer)."""
+    return {v: (variants.get(v) or {}).get("replicas") for v in VARIANTS}
 
 
 def arms_check(settings: Settings, since: dt.datetime, arms: dict[str, str] | None = None) -> dict:
@@ -166,7 +179,7 @@ def evaluate(settings: Settings, *, dry_run: bool = False, source: str = "cli") 
     collected = collect(settings)
     outcome = judge(collected)
     record = act(settings, collected, outcome, dry_run=dry_run, source=source)
-    return {**record, "stats": collected.get("stats"), "checks": outcome.get("checks"), "score": outcome.get("score"),
+    return {**record, "stats": collected.get("stats"), "checks": report_checks(outcome, collected), "score": outcome.get("score"),
             "flags": outcome.get("flags", [])}
 
 
@@ -180,8 +193,16 @@ def manual(settings: Settings, decision: str, reason: str | None) -> dict:
     return act(settings, collected, outcome, source="manual")
 
 
+def report_checks(outcome: dict, collected: dict) -> dict:
+    """The decision's checks, and the scrape check of every arm's servers (`replicas`)."""
+    checks = dict(outcome.get("checks") or {})
+    if collected.get("replicas") is not None:
+        checks["replicas"] = collected["replicas"]
+    return checks
+
+
 def _record(settings: Settings, record: dict, outcome: dict, collected: dict) -> int:
-    details = {"stats": collected.get("stats"), "checks": outcome.get("checks"), "score": outcome.get("score"),
+    details = {"stats": collected.get("stats"), "checks": report_checks(outcome, collected), "score": outcome.get("score"),
                "flags": outcome.get("flags", []), "action": record.get("action"), "refused": record.get("refused"),
                "since": collected.get("since"),
                "arms": collected.get("arms"), "drift": collected.get("drift"), "problems": collected.get("problems")}

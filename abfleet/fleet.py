@@ -55,7 +55,10 @@ def admin_token(settings: Settings) -> str | None:
 
 
 def reload_servers(settings: Settings) -> dict[str, str]:
-    """Ask both servers to re-read their alias now (they also notice by themselves)."""
+    """Ask every replica of both variants to re-read its alias now (they also notice by
+    themselves). Each variant's line says what its servers answered: the status, the version
+    and how many of its gunicorn workers re-read the registry; with several replicas, how many
+    were reached, then each one's answer."""
     later = f"it will notice within {settings.reload_interval:.0f}s"
     token = admin_token(settings)
     if token is None:
@@ -63,13 +66,30 @@ def reload_servers(settings: Settings) -> dict[str, str]:
                 for variant in VARIANTS}
     out = {}
     for variant in VARIANTS:
-        try:
-            r = requests.post(f"{settings.server_url(variant)}{RELOAD}", headers={"Authorization": f"Bearer {token}"},
-                              timeout=30)
-            out[variant] = f"{r.status_code} {r.json().get('model_version', '')}".strip()
-        except (requests.RequestException, ValueError) as exc:
-            out[variant] = f"not reached ({type(exc).__name__}); {later}"
+        urls = settings.server_urls(variant)
+        answers = [reload_one(url, token, settings, later) for url in urls]
+        if len(urls) == 1:
+            out[variant] = answers[0][1]
+        else:
+            reached = sum(ok for ok, _ in answers)
+            out[variant] = f"{reached}/{len(urls)} replicas reached: " + "; ".join(
+                f"{url} {text}" for url, (_, text) in zip(urls, answers))
     return out
+
+
+def reload_one(url: str, token: str, settings: Settings, later: str) -> tuple[bool, str]:
+    """One server's reload: (reached, what it answered)."""
+    try:
+        r = requests.post(f"{url}{RELOAD}", headers={"Authorization": f"Bearer {token}"},
+                          timeout=settings.reload_wait_s + 10)
+        body = r.json()
+    except (requests.RequestException, ValueError) as exc:
+        return False, f"not reached ({type(exc).__name__}); {later}"
+    text = f"{r.status_code} {body.get('model_version', '')}".strip()
+    workers = body.get("workers")
+    if isinstance(workers, dict):
+        text += f" ({workers.get('reached')}/{workers.get('expected')} workers)"
+    return r.ok, text
 
 
 def notify(settings: Settings, record: dict) -> str | None:

@@ -7,17 +7,24 @@ from pathlib import Path
 
 import yaml
 
-from abfleet.settings import Settings, project_root
+from abfleet.settings import VARIANTS, Settings, project_root
 
 
-def local_targets(settings: Settings) -> dict[str, str]:
-    """Job name → the loopback address the local stack serves it on."""
+def local_targets(settings: Settings) -> dict[str, list[dict]]:
+    """Job name → the static_configs of the loopback addresses the local stack serves it on.
+    With several replicas, each is a target of its own labelled `replica` with its name (the
+    job's relabelling adds `fleet_variant`; Prometheus adds `instance`)."""
     h = settings.host
-    return {
-        "production": f"{h}:{settings.production_port}",
-        "candidate": f"{h}:{settings.candidate_port}",
-        "prometheus": f"{h}:{settings.prometheus_port}",
-    }
+    out: dict[str, list[dict]] = {}
+    for variant in VARIANTS:
+        ports = settings.replica_ports(variant)
+        if settings.replicas <= 1:
+            out[variant] = [{"targets": [f"{h}:{ports[0]}"]}]
+        else:
+            out[variant] = [{"targets": [f"{h}:{port}"], "labels": {"replica": name}}
+                            for name, port in zip(settings.replica_names(variant), ports)]
+    out["prometheus"] = [{"targets": [f"{h}:{settings.prometheus_port}"]}]
+    return out
 
 
 def write_prometheus_config(settings: Settings) -> Path:
@@ -28,9 +35,9 @@ def write_prometheus_config(settings: Settings) -> Path:
     targets = local_targets(settings)
     for job in config.get("scrape_configs", []):
         if job["job_name"] in targets:
-            # One process per job here: a static loopback target instead of DNS discovery.
+            # Static loopback targets instead of DNS discovery.
             job.pop("dns_sd_configs", None)
-            job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
+            job["static_configs"] = targets[job["job_name"]]
     config["rule_files"] = [str(source.parent / rule) for rule in config.get("rule_files", [])]
     # Alerts go to the local stack's Alertmanager instead of compose's service name.
     config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [f"{settings.host}:{settings.alertmanager_port}"]}]}]}

@@ -98,8 +98,11 @@ def since_start(selector: str, by: str, since: float, window: str, reset: bool) 
     group = f"sum by ({by})" if by else "sum"
     if reset:
         return f"{group} (increase({selector}[{window}]))"
-    # Series born after the start have no value `@ since`: `or ... * 0` counts them from zero.
-    return f"{group} ({selector}) - ({group} ({selector} @ {since:.3f}) or {group} ({selector}) * 0)"
+    # Each series' latest value in the window, not at this instant: a replica that stopped
+    # being scraped (killed, scaled in) keeps the requests it answered while it was. Series
+    # born after the start have no value `@ since`: `or ... * 0` counts them from zero.
+    latest = f"last_over_time({selector}[{window}])"
+    return f"{group} ({latest}) - ({group} ({selector} @ {since:.3f}) or {group} ({latest}) * 0)"
 
 
 # Both arms' request counts are read at one instant. Each server is scraped at its own moment,
@@ -107,6 +110,10 @@ def since_start(selector: str, by: str, since: float, window: str, reset: bool) 
 # that is enough requests to fake a sample-ratio mismatch (5 s of 400 requests/s in a short
 # window did). Each counter is read between the two scrapes around the instant instead.
 LOOKBACK_S = 300  # Prometheus's staleness: a series with no sample this long before is new
+# A series whose last sample is this much older than the freshest one's belongs to a target
+# that stopped being scraped (a dead replica): it no longer holds the common instant back.
+# Several scrape intervals (5 s here; 30 s is a slow setting), so a late scrape is not a death.
+STOPPED_GAP_S = 120.0
 
 
 def value_at(points: list[tuple[float, float]], t: float) -> float:
@@ -132,15 +139,43 @@ def common_instant(prom: Samples, selectors: list[str], now: float) -> float | N
         if not series:
             return None
         lasts.extend(points[-1][0] for points in series.values() if points)
-    return min(lasts)
+    freshest = max(lasts)
+    return min(t for t in lasts if t >= freshest - STOPPED_GAP_S)
 
 
-def growth_between(prom: Samples, selector: str, since: float, end: float) -> float:
+def growth_between(prom: Samples, selector: str, since: float, end: float, whole_window: bool = False) -> float:
     """How much a counter (summed over its series) grew from `since` to `end`, each end read
-    between the samples around it. A series born after `since` counts from zero."""
+    between the samples around it. A series born after `since` counts from zero.
+
+    A series with no sample near `end` (its replica stopped being scraped long before) counts
+    to its last sample when `whole_window` (the caller knows a replica went missing): then
+    the whole window's samples are read, which costs more and is needed only then."""
     start = prom.samples(selector, 2 * LOOKBACK_S, since + LOOKBACK_S)
     finish = prom.samples(selector, 2 * LOOKBACK_S, end + LOOKBACK_S)
-    return sum(value_at(points, end) - value_at(start.get(key, []), since) for key, points in finish.items())
+    total = sum(value_at(points, end) - value_at(start.get(key, []), since) for key, points in finish.items())
+    if whole_window:
+        earlier = prom.samples(selector, end - since, end)
+        total += sum(points[-1][1] - value_at(start.get(key, []), since)
+                     for key, points in earlier.items() if key not in finish and points)
+    return total
+
+
+def replica_label(metric: dict) -> str:
+    """How the report names a scraped server: its `replica` label, else its address."""
+    return metric.get("replica") or metric.get("instance", "")
+
+
+def replicas(prom: Prometheus, variant: str, window: str) -> dict[str, Any]:
+    """Which servers of `variant` Prometheus scraped during the window (`expected`) and which
+    it scrapes successfully now (`scraped`); any other is `missing`, by name. A killed replica
+    fails its scrapes (`up` 0); one gone from service discovery has no current `up` at all."""
+    sel = selector("up", variant, "")
+    seen = {replica_label(r["metric"]) for r in prom.query(f"last_over_time({sel}[{window}])")}
+    now = {replica_label(r["metric"]): finite(r["value"][1]) for r in prom.query(sel)}
+    scraped = sorted(name for name, value in now.items() if value is not None and value >= 1)
+    expected = sorted(seen | set(now))
+    return {"expected": len(expected), "scraped": len(scraped),
+            "missing": [name for name in expected if name not in scraped]}
 
 
 def unreachable_minutes(prom: Samples, variant: str, now: float, lookback_s: float) -> float | None:
@@ -172,12 +207,13 @@ def _counts(values: dict[str, float | None]) -> dict[str, int] | None:
 
 
 def variant_stats(prom: Prometheus, variant: str, version: str, since: float, window: str,
-                  end: float | None = None) -> dict[str, Any]:
+                  end: float | None = None, whole_window: bool = False) -> dict[str, Any]:
     """One arm's numbers since the experiment started, in the decision input's shape; a
     number Prometheus does not have (or has as NaN or ±Inf) is None, never 0.
 
     With `end` (see `common_instant`) the request count is the growth from `since` to `end`,
-    read between scrapes, so both arms are counted over the same stretch of time."""
+    read between scrapes, so both arms are counted over the same stretch of time (with
+    `whole_window`, see `growth_between`, counting replicas that stopped long before)."""
     series = {name: selector(name, variant, version) for name in SELECTORS}
     reset = bool(prom.scalar(f'sum(resets({series["requests"]}[{window}]))'))
     failover_reset = bool(prom.scalar(f'sum(resets({series["failovers"]}[{window}]))'))
@@ -189,7 +225,7 @@ def variant_stats(prom: Prometheus, variant: str, version: str, since: float, wi
     mean = prom.scalar(f'({growth("latency_sum")}) / ({growth("latency_count")})')
     return {
         "model_version": version,
-        "requests": _count(growth_between(prom, series["requests"], since, end) if end is not None and not reset
+        "requests": _count(growth_between(prom, series["requests"], since, end, whole_window) if end is not None and not reset
                            else prom.scalar(growth("requests"))),
         "errors": _count(prom.scalar(growth("errors"))),
         # No series yet (no server has failed over) is none, not unknown.
@@ -212,6 +248,9 @@ def arm_stats(url: str, versions: dict[str, str], since: float, window: str, now
     `reach_lookback_s`); raises PrometheusError when Prometheus at `url` cannot answer."""
     prom = Prometheus(url)
     end = common_instant(prom, [selector("requests", v, versions[v]) for v in versions], now)
-    return {variant: {**variant_stats(prom, variant, versions[variant], since, window, end),
-                      "unreachable_minutes": unreachable_minutes(prom, variant, now, reach_lookback_s)}
+    scraped = {variant: replicas(prom, variant, window) for variant in versions}
+    return {variant: {**variant_stats(prom, variant, versions[variant], since, window, end,
+                                      whole_window=bool(scraped[variant]["missing"])),
+                      "unreachable_minutes": unreachable_minutes(prom, variant, now, reach_lookback_s),
+                      "replicas": scraped[variant]}
             for variant in versions}

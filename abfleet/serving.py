@@ -31,6 +31,7 @@ from abfleet.decision import ARMS
 from abfleet.feedback_spool import FeedbackSpool, FeedbackSpoolFull, PendingFeedback
 from abfleet.metrics import ServerMetrics
 from abfleet.model import FastPredictor
+from abfleet.reload_signal import POLL_S, ReloadSignal
 from abfleet.settings import Settings
 from abfleet.spool import SpoolFull
 from abfleet.store import Duplicate, Store
@@ -65,6 +66,7 @@ class ModelHolder:
         self._on_swap = on_swap
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._stopped = threading.Event()
         self._refused: dict[str, str] = {}  # version → why; not fetched again until wake()
 
     @classmethod
@@ -136,19 +138,38 @@ class ModelHolder:
         self._refused = {}
         self._wake.set()
 
-    def start_watcher(self) -> threading.Thread:
+    def start_watcher(self, signal: ReloadSignal | None = None) -> threading.Thread:
+        """Re-read the alias every reload_interval, at once on `wake()`, and (with `signal`)
+        at once when another worker of this server got a reload call; acknowledged there."""
         def loop() -> None:
-            while True:
+            seen = signal.current() if signal is not None else ""
+            asked = ""
+            while not self._stopped.is_set():
                 self.refresh()
-                # A worker with nothing to serve looks again within a second: a reload call
-                # reaches one worker of a server, and the others must not answer 503 for long.
+                if asked:
+                    signal.ack(asked, self.version_header())
+                    asked = ""
+                # A worker with nothing to serve looks again within a second.
                 idle = self.settings.reload_interval if self.current is not None else min(1.0, self.settings.reload_interval)
-                self._wake.wait(idle)
+                deadline = time.monotonic() + idle
+                while (left := deadline - time.monotonic()) > 0:
+                    if self._wake.wait(min(left, POLL_S) if signal is not None else left):
+                        break
+                    token = signal.current() if signal is not None else seen
+                    if token != seen:
+                        seen = asked = token
+                        self._refused = {}
+                        break
                 self._wake.clear()
 
         thread = threading.Thread(target=loop, name="model-watcher", daemon=True)
         thread.start()
         return thread
+
+    def stop_watcher(self) -> None:
+        """End the watcher's loop (tests that start one)."""
+        self._stopped.set()
+        self._wake.set()
 
 
 class PredictionIds:
@@ -311,6 +332,8 @@ class Feedback:
         self.on_store_error = on_store_error
         self.on_stored = on_stored
         self.pending_max_age = dt.timedelta(seconds=settings.feedback_pending_max_age_s)
+        self.settle_s = settings.feedback_settle_s
+        self.settle_poll_s = min(0.25, max(0.02, settings.spool_linger / 4))
         self.retry_after = max(1, math.ceil(settings.db_check_interval_s))
         # A database that hangs (no answer, not even an error) must leave a worker threads for
         # predictions: all but one may wait on it for feedback; another feedback request waits a
@@ -400,6 +423,13 @@ class Feedback:
         in the spool (the window is judged at the time it came in)."""
         pid = req.prediction_id
         pred = self.store.get_prediction(pid)
+        if pred is None:
+            # Another replica may have answered it moments ago, its row still in that replica's
+            # spool (inserted within spool_linger): look again for a while before the 404.
+            deadline = time.monotonic() + self.settle_s
+            while pred is None and time.monotonic() < deadline:
+                time.sleep(self.settle_poll_s)
+                pred = self.store.get_prediction(pid)
         if pred is None:
             return Recorded(404, api.error(f"prediction_id: no prediction {pid!r}", "prediction_id"), None)
         if pred["user_id"] != user:

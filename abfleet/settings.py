@@ -86,6 +86,17 @@ class Settings:
     # empty means the local stack's loopback port. Compose: http://infer-prod:8000.
     production_url: str = ""
     candidate_url: str = ""
+    # Every replica of a variant, comma-separated (compose, AWS: each replica's own address);
+    # empty means production_url / candidate_url alone, else the local stack's replica ports.
+    production_urls: str = ""
+    candidate_urls: str = ""
+
+    # Model servers per variant in the local stack (`abfleet up --replicas N`); more than one
+    # needs PostgreSQL. Replica i (from 0) listens on the i-th of production_ports /
+    # candidate_ports (comma-separated), else on the variant's port + 2 i.
+    replicas: int = 1
+    production_ports: str = ""
+    candidate_ports: str = ""
 
     # A retrained model becomes @candidate only if its held-out median APE is at most this
     # much (relative) worse than production's on the same rows.
@@ -162,6 +173,11 @@ class Settings:
 
     # Feedback: accepted this many days after the estimate, from the user who got it.
     feedback_window_days: float = 7.0
+    # Feedback for a prediction this server cannot see yet (still in another replica's spool,
+    # inserted within about spool_linger) looks again for up to this long before its 404.
+    feedback_settle_s: float = 2.0
+    # How long a reload call waits for the server's other workers to re-read the registry.
+    reload_wait_s: float = 20.0
     # An actual price (lakhs) outside these bounds, or further than the ratio from the
     # estimate either way, is refused: one absurd price must not move the APE numbers.
     actual_price_min_lakhs: float = 1.0
@@ -239,6 +255,33 @@ class Settings:
         url = self.production_url if variant == "production" else self.candidate_url
         return (url or self.local_url(self.port_of(variant))).rstrip("/")
 
+    def replica_ports(self, variant: str) -> list[int]:
+        """The local stack's port of each replica of `variant` (the first is port_of(variant))."""
+        if self.replicas <= 1:
+            return [self.port_of(variant)]
+        listed = self.production_ports if variant == "production" else self.candidate_ports
+        ports = [int(p) for p in listed.split(",") if p.strip()]
+        if ports:
+            return ports[:self.replicas]
+        return [self.port_of(variant) + 2 * i for i in range(self.replicas)]
+
+    def replica_names(self, variant: str) -> list[str]:
+        """Each replica's name (pid file, log, folders, Prometheus's `replica` label): the
+        variant's name alone with one replica; `production-1`, `production-2`... with several."""
+        if self.replicas <= 1:
+            return [variant]
+        return [f"{variant}-{i + 1}" for i in range(len(self.replica_ports(variant)))]
+
+    def server_urls(self, variant: str) -> list[str]:
+        """Where the pipeline reaches every replica of `variant` (for the reload call)."""
+        listed = self.production_urls if variant == "production" else self.candidate_urls
+        urls = [u.strip().rstrip("/") for u in listed.split(",") if u.strip()]
+        if urls:
+            return urls
+        if self.replicas <= 1 or (self.production_url if variant == "production" else self.candidate_url):
+            return [self.server_url(variant)]
+        return [self.local_url(port) for port in self.replica_ports(variant)]
+
     @property
     def bind_address(self) -> str:
         """Where this variant's gunicorn listens."""
@@ -313,7 +356,20 @@ class Settings:
             raise ValueError(f"ABFLEET_DRIFT_VERDICT must be one of {', '.join(DRIFT_VERDICTS)}, got {self.drift_verdict!r}")
         if not 0 < self.drift_share <= 1:
             raise ValueError(f"ABFLEET_DRIFT_SHARE must be in (0, 1], got {self.drift_share}")
-        for name in ("db_connect_timeout_s", "db_statement_timeout_s", "db_check_interval_s", "feedback_pending_max_age_s"):
+        if self.replicas < 1:
+            raise ValueError(f"ABFLEET_REPLICAS must be at least 1, got {self.replicas}")
+        for variant in VARIANTS:
+            listed = getattr(self, f"{variant}_ports")
+            try:
+                ports = [int(p) for p in listed.split(",") if p.strip()]
+            except ValueError:
+                raise ValueError(f"ABFLEET_{variant.upper()}_PORTS must be comma-separated ports, got {listed!r}") from None
+            if ports and len(ports) < self.replicas:
+                raise ValueError(f"ABFLEET_{variant.upper()}_PORTS names {len(ports)} ports for {self.replicas} replicas")
+        if not 0 <= self.feedback_settle_s < float("inf"):
+            raise ValueError(f"ABFLEET_FEEDBACK_SETTLE_S must be >= 0 seconds, got {self.feedback_settle_s}")
+        for name in ("db_connect_timeout_s", "db_statement_timeout_s", "db_check_interval_s", "feedback_pending_max_age_s",
+                     "reload_wait_s"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"ABFLEET_{name.upper()} must be a positive number of seconds, got {getattr(self, name)}")
         try:

@@ -17,7 +17,7 @@ from typing import Callable
 
 from abfleet import airflow_local, fleet, migrations, monitoring, procs, registry, router
 from abfleet.procs import ProcessError, Service, answers_http, child_env, port_taken, venv_bin
-from abfleet.settings import Settings
+from abfleet.settings import VARIANTS, Settings
 
 
 class StackError(ProcessError):
@@ -50,15 +50,7 @@ def services(settings: Settings) -> list[Service]:
         # The server's background job runners cost ~2 GB of memory and serve nothing we use.
         env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
-    servers = [
-        Service(
-            variant, settings.port_of(variant), [venv_bin("abfleet"), "serve", "--variant", variant],
-            f"{settings.local_url(settings.port_of(variant))}/api/health", "abfleet",
-            env={"VARIANT": variant, "PROMETHEUS_MULTIPROC_DIR": str(run / "metrics" / variant)},
-        )
-        for variant in ("production", "candidate")
-    ]
-    out = [mlflow, *servers]
+    out = [mlflow, *server_services(settings)]
     config = run / "nginx.conf"
     try:
         nginx_cmd = router.nginx_command(settings, config)
@@ -90,6 +82,56 @@ def services(settings: Settings) -> list[Service]:
 OPTIONAL = ("airflow",)
 
 
+def server_services(settings: Settings) -> list[Service]:
+    """The model servers: `settings.replicas` per variant, each on its own port with its own
+    metrics folder (where its workers also pass reload calls on) and, with several, its own
+    spool folder, as each replica of compose has its own volume."""
+    run, n = settings.run_dir, settings.replicas
+    out = []
+    for variant in VARIANTS:
+        for name, port in zip(settings.replica_names(variant), settings.replica_ports(variant)):
+            env = {"VARIANT": variant, "PROMETHEUS_MULTIPROC_DIR": str(run / "metrics" / name)}
+            if n > 1:
+                env.update({"ABFLEET_BIND": f"{settings.host}:{port}", "ABFLEET_SPOOL_DIR": str(run / "spool" / name)})
+            out.append(Service(name, port, [venv_bin("abfleet"), "serve", "--variant", variant],
+                               f"{settings.local_url(port)}/api/health", "abfleet", env=env))
+    return out
+
+
+def server_addresses(settings: Settings, variant: str) -> list[str]:
+    """host:port of every replica of `variant`: the router's upstream and Prometheus's targets."""
+    return [f"{settings.host}:{port}" for port in settings.replica_ports(variant)]
+
+
+# ---- replicas: how many `up` started ----------------------------------------------
+
+def _replicas_file(settings: Settings) -> Path:
+    return settings.run_dir / "replicas"
+
+
+def as_started(settings: Settings) -> Settings:
+    """The settings with the replica count the last `up` used: `down` and `status` see every
+    server it started, whatever ABFLEET_REPLICAS says now."""
+    try:
+        return settings.replace(replicas=max(1, int(_replicas_file(settings).read_text().strip())))
+    except (OSError, ValueError):
+        return settings
+
+
+def check_replicas(settings: Settings) -> None:
+    """Several replicas need PostgreSQL, and a running fleet keeps its replica count."""
+    if settings.replicas > 1 and not settings.db_url.startswith("postgresql"):
+        # SQLite on one machine would take the writes (WAL, one writer at a time), but the
+        # replicas stand for compose's and AWS's, which cannot share a file: every server's
+        # flushes and feedback would queue on one lock, and a test of them would prove nothing.
+        raise StackError(f"--replicas {settings.replicas} needs a PostgreSQL store: set DATABASE_URL to a "
+                         "postgresql:// URL (the local SQLite file serves one server per variant)")
+    started = as_started(settings)
+    if started.replicas != settings.replicas and any(running_pid(settings, svc) for svc in server_services(started)):
+        raise StackError(f"the fleet runs {started.replicas} replica(s) per variant: run `abfleet down` before "
+                         f"`abfleet up --replicas {settings.replicas}`")
+
+
 # ---- pid bookkeeping ------------------------------------------------------------
 
 def _pid_file(settings: Settings, name: str) -> Path:
@@ -119,7 +161,9 @@ def prepare(settings: Settings, candidate_weight: int) -> None:
     run = settings.run_dir
     for sub in ("pids", "logs", "objects", "metrics", "prometheus", "alertmanager"):
         (run / sub).mkdir(parents=True, exist_ok=True)
-    router.write_config(settings, candidate_weight=candidate_weight)
+    router.write_config(settings, candidate_weight=candidate_weight,
+                        production_servers=server_addresses(settings, "production"),
+                        candidate_servers=server_addresses(settings, "candidate"))
     monitoring.write_prometheus_config(settings)
     monitoring.write_alertmanager_config(settings)
     # The fleet's one record of the weight: the evaluation and the SRM alert's gauge read it.
@@ -134,17 +178,20 @@ def up(settings: Settings, *, candidate_weight: int | None = None, only: tuple[s
     The store's migrations run first: servers never create or alter tables.
     """
     settings.run_dir.mkdir(parents=True, exist_ok=True)  # the local store is a file in it
+    check_replicas(settings)
     say(f"  store       {migrations.upgrade(settings.db_url).describe()}")
     weight = current_weight(settings) if candidate_weight is None else candidate_weight
     wanted = set(only) if only is not None else {s.name for s in services(settings)} - set(OPTIONAL)
     if with_airflow:
         wanted.add("airflow")
-    todo = [svc for svc in services(settings) if svc.name in wanted]
+    # A variant's name stands for all its replicas.
+    todo = [svc for svc in services(settings) if svc.name in wanted or svc.env.get("VARIANT") in wanted]
     for svc in todo:
         if svc.command[0].endswith("-missing"):
             tool = svc.command[0].removesuffix("-missing")
             raise StackError(f"{tool} is not installed: run `sudo apt-get install -y {tool}` (or `make install-system`)")
     prepare(settings, weight)
+    _replicas_file(settings).write_text(f"{settings.replicas}\n")
     for svc in todo:
         pid = running_pid(settings, svc)
         if pid is not None:
@@ -153,10 +200,12 @@ def up(settings: Settings, *, candidate_weight: int | None = None, only: tuple[s
             say(f"  {svc.name:<11} already running (pid {pid}) on :{svc.port}")
             continue
         if port_taken(settings.host, svc.port):
-            env_name = {"production": "PRODUCTION", "candidate": "CANDIDATE"}.get(svc.name, svc.name.upper())
+            variant = svc.env.get("VARIANT")
+            setting = (f"ABFLEET_{variant.upper()}_PORT" if settings.replicas == 1 else f"ABFLEET_{variant.upper()}_PORTS"
+                       ) if variant else f"ABFLEET_{svc.name.upper()}_PORT"
             raise StackError(
                 f"port {svc.port} ({svc.name}) is taken by another process: stop it, or pick another port "
-                f"with ABFLEET_{env_name}_PORT"
+                f"with {setting}"
             )
         if svc.name == "airflow":
             say("  airflow     preparing its metadata database (first time: ~10 s)")
@@ -201,6 +250,7 @@ def _reload_nginx(pid: int) -> None:
 
 def down(settings: Settings, *, say: Callable[[str], None] = print) -> list[str]:
     """Stop the processes `up` started (newest first); return their names."""
+    settings = as_started(settings)
     stopped = []
     for svc in reversed(services(settings)):
         pid = running_pid(settings, svc)
@@ -214,7 +264,8 @@ def down(settings: Settings, *, say: Callable[[str], None] = print) -> list[str]
 
 
 def status(settings: Settings) -> dict:
-    """Processes, ports, alias → version, weights."""
+    """Processes (each replica of a model server by its name), ports, alias → version, weights."""
+    settings = as_started(settings)
     processes = {}
     for svc in services(settings):
         pid = running_pid(settings, svc)

@@ -12,6 +12,7 @@ from abfleet import api, data
 from abfleet.feedback_spool import FOLDER, FeedbackSpool
 from abfleet.metrics import FleetStateCollector, ServerMetrics
 from abfleet.readiness import DatabaseCheck
+from abfleet.reload_signal import ReloadSignal
 from abfleet.serving import Feedback, Loaded, ModelHolder, Predictions, RequestCounts
 from abfleet.settings import Settings
 from abfleet.store import Store
@@ -32,6 +33,7 @@ class Parts(TypedDict):
     fleet_registry: object  # a prometheus CollectorRegistry of the fleet's state (production exports it)
     database: DatabaseCheck
     fleet_state: FleetStateCollector
+    reload_signal: ReloadSignal | None  # how a reload call reaches this server's other workers
 
 
 def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, store: Store | None = None) -> Parts:
@@ -76,10 +78,13 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
         metrics.prime(variant, new.version, api.PREDICT)
         metrics.ready.set(1)  # a server never unloads its model: ready from the first one on
 
+    reload_signal = None
     if holder is None:
         holder = ModelHolder(settings, on_swap=on_swap)
         holder.refresh()
-        holder.start_watcher()
+        # The server's own folder: each server (replica) has its metrics folder.
+        reload_signal = ReloadSignal(settings.metrics_dir)
+        holder.start_watcher(reload_signal)
     elif holder.current is not None:
         on_swap(None, holder.current)
 
@@ -99,7 +104,8 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
                   predictions=Predictions(holder, store, data.known_locations(), on_refused=metrics.spool_refused.inc),
                   feedback=Feedback(store, settings, feedback_spool, on_store_error=metrics.store_errors.labels("feedback").inc,
                                     on_stored=metrics.count_feedback),
-                  fleet_registry=fleet_registry, database=database, fleet_state=fleet_state)
+                  fleet_registry=fleet_registry, database=database, fleet_state=fleet_state,
+                  reload_signal=reload_signal)
     if feedback_spool is not None:
         def on_resolved(outcome: str, _item) -> None:
             metrics.feedback_pending_resolved.labels(outcome).inc()

@@ -241,7 +241,16 @@ def reload_model():
     holder = p["holder"]
     holder.wake()
     swapped = holder.refresh()
-    return jsonify(swapped=swapped, model_version=holder.version_header())
+    version = holder.version_header()
+    settings, signal = p["settings"], p["reload_signal"]
+    if signal is None:  # a server built around a fixed model (tests): this worker is the server
+        return jsonify(swapped=swapped, model_version=version, workers={"expected": 1, "reached": 1, "versions": [version]})
+    # The other workers re-read the registry too (see abfleet.reload_signal); wait for them.
+    token = signal.bump()
+    signal.ack(token, version)
+    acks = signal.wait_acks(token, settings.workers, settings.reload_wait_s)
+    return jsonify(swapped=swapped, model_version=version,
+                   workers={"expected": settings.workers, "reached": len(acks), "versions": sorted(set(acks.values()))})
 
 
 @bp.get(api.METRICS)
