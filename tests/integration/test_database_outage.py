@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from abfleet import api, procs
 from tests.helpers import free_port, health, start_model_server, wait_for
-from tests.pg import PostgresServer, postgres_server
+from tests.pg import PostgresServer, family, postgres_server
 
 pytestmark = pytest.mark.slow
 
@@ -76,19 +76,6 @@ class Steady:
 def p99(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-
-
-def family(pid: int) -> list[int]:
-    """`pid` and its child processes (a PostgreSQL server: the postmaster and its backends)."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    children.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return [pid, *children]
 
 
 @contextmanager
