@@ -107,8 +107,8 @@ def service(settings: Settings, name: str) -> procs.Service:
 class Faults:
     """Each fault's injection and its undoing, on the soak's own PostgreSQL and fleet."""
 
-    def __init__(self, settings: Settings, pg: PostgresServer, say: Callable[[str], None]):
-        self.settings, self.pg, self.say = settings, pg, say
+    def __init__(self, settings: Settings, pg: PostgresServer):
+        self.settings, self.pg = settings, pg
         self.frozen: list[int] = []
 
     def inject(self, fault: str) -> None:
@@ -273,7 +273,7 @@ def drive(settings: Settings, pg: PostgresServer, slot: float, log: Path, say: C
     """The phases in turn: baseline, then each fault and its recovery, `slot` seconds each (a
     fault's phase also holds the time its undoing takes: restarting MLflow or a server whose
     orphaned workers finish their requests first); progress every 10 s."""
-    faults = Faults(settings, pg, say)
+    faults = Faults(settings, pg)
     plan = [("baseline", None)] + [p for f in FAULTS for p in ((f, f), (f"recovery after {f}", None))]
     phases: list[Phase] = []
     progress = Progress(log, say, time.time(), slot * len(plan))
