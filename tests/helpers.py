@@ -15,6 +15,7 @@ from pathlib import Path
 import requests
 
 from abfleet import api, data, migrations, procs, router
+from abfleet.pgserver import family
 from abfleet.procs import free_port
 from abfleet.settings import Settings
 
@@ -152,17 +153,3 @@ class Load:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join(30)
-
-
-def family(pid: int) -> list[int]:
-    """`pid` and its child processes (a PostgreSQL server: the postmaster and its backends; a gunicorn
-    master and its workers)."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    children.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return [pid, *children]

@@ -16,8 +16,8 @@ import requests
 import sqlalchemy as sa
 
 from abfleet import api, procs
-from tests.helpers import family, free_port, health, start_model_server, wait_for
-from tests.pg import PostgresServer, postgres_server
+from tests.helpers import free_port, health, start_model_server, wait_for
+from tests.pg import PostgresServer, family, postgres_server
 
 pytestmark = pytest.mark.slow
 
