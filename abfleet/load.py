@@ -19,9 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from abfleet import api
+from abfleet.load_shapes import SHAPES
 from abfleet.settings import Settings, process_environ, project_root
 
 LOCUSTFILE = Path("tests") / "load" / "locustfile.py"
+SHAPE_FILE = Path("tests") / "load" / "shape.py"  # the Locust shape class of --shape step|spike
 
 
 def realistic_rows(n: int = 2000, seed: int = 0) -> list[dict]:
@@ -52,18 +54,22 @@ def stars_for(estimate: float, actual: float) -> int:
 # ---- abfleet load ----------------------------------------------------------------------
 
 def run(settings: Settings, users: int, duration: float, *, spawn_rate: float | None = None,
-        out_dir: Path | None = None, processes: int = 1, user_class: str = "HomeBuyer", say=print) -> dict:
+        out_dir: Path | None = None, processes: int = 1, user_class: str = "HomeBuyer", shape: str = "steady",
+        say=print) -> dict:
     """Run Locust headless against the router for `duration` seconds; return a summary.
 
     With `processes` above 1, Locust forks that many worker processes under one master
     (`locust --processes N`), which merges their statistics: the load generator then uses
     as many cores. CSV stats (`stats_*.csv`) and the HTML report (`report.html`) go to
-    `out_dir` (default: <run_dir>/load/<timestamp>/).
+    `out_dir` (default: <run_dir>/load/<timestamp>/). A `shape` other than steady
+    (abfleet.load_shapes) varies the users over the run, peaking at `users`.
     """
     if users < 1 or duration <= 0:
         raise ValueError("--users must be at least 1 and --duration above 0")
     if processes < 1:
         raise ValueError("--processes must be at least 1")
+    if shape not in SHAPES:
+        raise ValueError(f"--shape must be one of {', '.join(SHAPES)}, got {shape!r}")
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = Path(out_dir) if out_dir else settings.run_dir / "load" / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -72,22 +78,27 @@ def run(settings: Settings, users: int, duration: float, *, spawn_rate: float | 
     if not locust.exists():
         raise FileNotFoundError("locust is not installed in this environment: run `make install`")
     rate = spawn_rate or max(1.0, users / 2.0)
-    argv = [str(locust), "-f", str(project_root() / LOCUSTFILE), "--headless", "--host", host,
+    locustfiles = [project_root() / LOCUSTFILE] + ([project_root() / SHAPE_FILE] if shape != "steady" else [])
+    argv = [str(locust), "-f", ",".join(map(str, locustfiles)), "--headless", "--host", host,
             "--users", str(users), "--spawn-rate", f"{rate:g}", "--run-time", f"{max(1, round(duration))}s",
             "--stop-timeout", "10", "--csv", str(out_dir / "stats"), "--html", str(out_dir / "report.html"),
             "--only-summary", "--loglevel", "WARNING" if processes == 1 else "INFO", "--exit-code-on-error", "1"]
     if processes > 1:
         argv += ["--processes", str(processes)]
+    if shape != "steady":
+        argv += ["--shape", shape]
     argv.append(user_class)  # the locustfile's user class to run (HomeBuyer: people; SteadyBuyer: a fixed rate)
     env = process_environ(python_path=[project_root()])
     log_path = out_dir / "locust.log"
-    say(f"locust: {users} users for {duration:g}s against {host}"
+    peak = f" at the peak of a {shape} shape" if shape != "steady" else ""
+    say(f"locust: {users} users{peak} for {duration:g}s against {host}"
         f"{f' from {processes} worker processes' if processes > 1 else ''}; output in {out_dir}")
     with local_router_unlimited(settings, say), log_path.open("wb") as log:
         proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=project_root(),
                               timeout=duration + 120)
     summary = summarize(out_dir)
     summary.update({"users": users, "duration_s": duration, "host": host, "run_dir": str(out_dir), "processes": processes,
+                    "shape": shape, "user_counts": user_counts(out_dir),
                     "workers_connected": workers_connected(log_path.read_text(errors="replace")),
                     "report": str(out_dir / "report.html"), "locust_exit_code": proc.returncode})
     if not (out_dir / "stats_stats.csv").exists():
@@ -122,6 +133,20 @@ def workers_connected(log: str) -> int:
     """The most worker processes Locust's master reported connected at once (0 without a master)."""
     counts = [int(n) for n in re.findall(r"(\d+) workers connected", log)]
     return max(counts, default=0)
+
+
+def user_counts(out_dir: Path) -> list[int]:
+    """The running users over the run, each change once (none before the first starts), from
+    Locust's history (`stats_stats_history.csv`, one row a second)."""
+    path = out_dir / "stats_stats_history.csv"
+    counts: list[int] = []
+    if path.exists():
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("Name") == "Aggregated" and row.get("User Count", "").isdigit() and int(row["User Count"]):
+                    if not counts or counts[-1] != int(row["User Count"]):
+                        counts.append(int(row["User Count"]))
+    return counts
 
 
 def summarize(out_dir: Path) -> dict:
@@ -163,6 +188,8 @@ def _text(summary: dict) -> str:
         lines.append(f"  {name:<40} {e['requests']:>7} req  {e['failures']:>5} failed  p50 {e['p50_ms']} ms  p99 {e['p99_ms']} ms")
     for f in summary["failure_details"]:
         lines.append(f"  FAILED {f['count']}x {f['endpoint']}: {f['error']}")
+    if summary.get("shape", "steady") != "steady":
+        lines.append(f"shape {summary['shape']}: users over the run {' → '.join(map(str, summary['user_counts']))}")
     lines.append(f"report: {summary['report']}")
     return "\n".join(lines)
 
@@ -171,7 +198,7 @@ def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
     """`abfleet load` (without --find-capacity, which abfleet.capacity answers): exit 1 when
     any request failed (or Locust did)."""
     summary = run(settings, args.users, args.duration, spawn_rate=args.spawn_rate, processes=args.processes,
-                  say=lambda m: print(m, file=sys.stderr, flush=True))
+                  shape=args.shape, say=lambda m: print(m, file=sys.stderr, flush=True))
     if getattr(args, "json", False):
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -190,6 +217,9 @@ def add_load_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--spawn-rate", type=float, help="users started per second (default: users/2)")
     p.add_argument("--processes", type=int, default=1,
                    help="Locust worker processes on this machine, under one master that merges their stats (default 1)")
+    p.add_argument("--shape", choices=SHAPES, default="steady",
+                   help="users over the run: steady (all --users throughout), step (a quarter more each quarter of "
+                        "the run), spike (a fifth, all for the middle fifth, a fifth again); default steady")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--find-capacity", action="store_true",
                    help="step a steady request rate up until p99 passes --p99-ms; report the highest that held")

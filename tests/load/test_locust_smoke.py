@@ -64,3 +64,26 @@ def test_workers_connected_reads_the_masters_log():
     log = ("[x] INFO/locust.runners: Worker a_1 (index 0) reported as ready. 1 workers connected.\n"
            "[x] INFO/locust.runners: Worker b_2 (index 1) reported as ready. 2 workers connected.\n")
     assert load.workers_connected(log) == 2 and load.workers_connected("") == 0
+
+
+@pytest.mark.slow
+def test_a_step_shape_climbs_through_its_levels_without_failures(fleet, capsys):
+    parser = argparse.ArgumentParser()
+    load.add_load_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["load", "--users", "8", "--duration", "16", "--shape", "step", "--spawn-rate", "8", "--json"])
+    code = args.func(args, fleet.settings)
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    summary = json.loads(out.out)
+    assert summary["shape"] == "step" and summary["total"]["failures"] == 0, summary
+    counts = summary["user_counts"]
+    assert max(counts) == 8 and counts == sorted(counts), counts  # it only climbs, to the peak
+    assert len(set(counts) & {2, 4, 6, 8}) >= 3, f"the run did not go through the steps: {counts}"
+
+
+def test_user_counts_read_the_history_each_change_once(tmp_path):
+    rows = ["Timestamp,User Count,Type,Name", "1,0,,Aggregated", "2,2,,Aggregated", "2,2,POST,/x", "3,2,,Aggregated",
+            "4,10,,Aggregated", "5,2,,Aggregated"]
+    (tmp_path / "stats_stats_history.csv").write_text("\n".join(rows) + "\n")
+    assert load.user_counts(tmp_path) == [2, 10, 2]
+    assert load.user_counts(tmp_path / "missing") == []
