@@ -86,7 +86,7 @@ def model_server(fleet, pg: PostgresServer, tmp_path: Path):
     url = f"http://{settings.host}:{port}"
     try:
         try:
-            wait_for(lambda: health(url).get("status") == "ok", 90, what="server on the test's PostgreSQL")
+            wait_for(lambda: health(url).get("status") == "healthy", 90, what="server on the test's PostgreSQL")
         except AssertionError:
             raise AssertionError(f"{health(url)}\n{(tmp_path / 'server.log').read_text()[-3000:]}") from None
         yield url
