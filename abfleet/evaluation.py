@@ -139,7 +139,9 @@ def judge(collected: dict, policy: DecisionPolicy | None = None) -> dict:
     if problems:
         if outcome["decision"] == PROMOTE:  # belt and braces: a problem never ends in a promotion
             outcome["decision"] = CONTINUE
-        outcome["reasons"] = problems + outcome["reasons"]
+        # A rollback leads with what rolled it back; anything else with what stands in the way.
+        outcome["reasons"] = (outcome["reasons"] + problems if outcome["decision"] == ROLLBACK
+                              else problems + outcome["reasons"])
     return outcome
 
 

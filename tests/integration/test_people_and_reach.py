@@ -139,7 +139,9 @@ def test_a_candidate_killed_under_load_is_rolled_back_as_unreachable_and_no_requ
         record = evaluate(settings, dry_run=False, max_unreachable_minutes="0.25")
         wait_for(lambda: load.sent > sent + 200, 60, what="load after the kill")
     assert record["decision"] == ROLLBACK and record["applied"], record["reasons"]
+    # What rolled it back comes first; the scrape check naming the dead server follows.
     assert "unreachable" in record["reasons"][0], record["reasons"]
+    assert record["checks"]["replicas"]["candidate"]["missing"], record["checks"]["replicas"]
     assert record["stats"]["variants"]["candidate"]["failovers"] > 0, record["stats"]["variants"]["candidate"]
     assert registry.aliases(settings) == {"production": versions["production"], "candidate": None}
     assert load.failed == 0, load.failures[:5]
