@@ -18,11 +18,16 @@ def store(request, tmp_path):
     url = f"sqlite:///{tmp_path / 'store.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
     store = Store(url, spool_dir=tmp_path / "spool")
     store.init_schema()
+    empty(store)  # PostgreSQL's database lives for the session: other tests' rows may be in it
     yield store
-    with store.engine.begin() as conn:  # PostgreSQL's database lives for the session
+    empty(store)
+    store.close()
+
+
+def empty(store: Store) -> None:
+    with store.engine.begin() as conn:
         conn.execute(feedback.delete())
         conn.execute(sa.text("DELETE FROM predictions"))
-    store.close()
 
 
 def rows(n: int, rng: random.Random, start: dt.datetime, variant: str = "production", version: str = "3") -> list[dict]:
