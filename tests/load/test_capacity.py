@@ -3,13 +3,12 @@ live fleet that reports a rate with every step's CSV and HTML report as evidence
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from abfleet import capacity, load
+from abfleet import capacity, cli
 
 
 def step(requests=100, failures=0, rps=10.0, p99=20.0) -> dict:
@@ -33,9 +32,7 @@ def test_a_step_holds_only_when_fast_complete_and_kept_up():
 
 @pytest.mark.slow
 def test_find_capacity_on_the_live_fleet(fleet, capsys):
-    parser = argparse.ArgumentParser()
-    load.add_load_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["load", "--find-capacity", "--p99-ms", "50", "--start-rate", "5", "--max-rate", "12",
+    args = cli.build_parser().parse_args(["load", "--find-capacity", "--p99-ms", "50", "--start-rate", "5", "--max-rate", "12",
                               "--step-seconds", "5", "--json"])
     code = args.func(args, fleet.settings)
     out = capsys.readouterr()
