@@ -18,7 +18,8 @@ def test_short_locust_run_has_no_failures_and_writes_its_report(fleet, capsys):
     code = args.func(args, fleet.settings)
     out = capsys.readouterr()
     assert code == 0, out.out + out.err
-    runs = sorted((fleet.settings.run_dir / "load").iterdir())
+    # This run's folder: the newest one named by its start time (--find-capacity's are capacity-<time>).
+    runs = sorted(p for p in (fleet.settings.run_dir / "load").iterdir() if p.name[:1].isdigit())
     assert runs, "no run directory under <run_dir>/load"
     run = runs[-1]
     assert (run / "report.html").stat().st_size > 0
