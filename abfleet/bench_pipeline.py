@@ -9,6 +9,8 @@ child process of its own, one at a time:
               arms check (`evaluation.arms_check`: a sample per arm, Evidently);
   drift:      the daily drift job without MLflow: the window's sample against a training
               set's rows, Evidently's report, and the per-arm samples of the experiment;
+  summary:    /api/metrics' aggregate query for production over the whole window (five
+              times on one connection; its median, minimum and maximum);
 and reports for each its time, the peak resident memory of its process (ru_maxrss, imports
 included) and the peak of the Python allocations of the job itself (tracemalloc, measured in
 a second run so it does not slow the timed one). The PostgreSQL store is a scratch database
@@ -21,7 +23,9 @@ import argparse
 import datetime as dt
 import io
 import json
+import math
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -33,12 +37,12 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from abfleet import aggregates, data, drift, evaluation
+from abfleet import aggregates, data, drift, evaluation, summary
 from abfleet.bench import machine
-from abfleet.settings import VARIANTS, Settings, process_environ
+from abfleet.settings import VARIANTS, Settings, process_environ, with_driver
 from abfleet.store import PREDICTION_COLUMNS, Store, open_store
 
-JOBS = ("evaluation", "drift")
+JOBS = ("evaluation", "drift", "summary")
 VERSIONS = {"production": "1", "candidate": "2"}
 WINDOW_DAYS = 7.0
 CHUNK = 100_000  # rows generated and loaded at a time: the bench's own memory stays bounded
@@ -146,7 +150,23 @@ def job_drift(settings: Settings, since: dt.datetime) -> dict:
             "report_bytes": len(result.html or ""), "experiment_touched": touched["touched"]}
 
 
-JOB_FUNCTIONS: dict[str, Callable[[Settings, dt.datetime], dict]] = {"evaluation": job_evaluation, "drift": job_drift}
+def job_summary(settings: Settings, since: dt.datetime) -> dict:
+    """/api/metrics' query for production over the whole window (every row of the arm), five
+    times: a server answers it on a warm connection, so the figure is the median of the five."""
+    hours = max(1, math.ceil((dt.datetime.now(dt.timezone.utc) - since).total_seconds() / 3600))
+    with open_store(settings, create_schema=False) as store:
+        times, answer = [], None
+        for _ in range(5):
+            started = time.perf_counter()
+            answer = summary.variant_summary(store.engine, "production", hours)
+            times.append(time.perf_counter() - started)
+    return {"hours": hours, "summarised_rows": answer["predictions"]["total_count"],
+            "query_seconds": {"median": round(statistics.median(times), 3), "min": round(min(times), 3),
+                              "max": round(max(times), 3)}}
+
+
+JOB_FUNCTIONS: dict[str, Callable[[Settings, dt.datetime], dict]] = {
+    "evaluation": job_evaluation, "drift": job_drift, "summary": job_summary}
 
 
 def child(job: str, since: str) -> dict:
@@ -179,16 +199,16 @@ def run_job(settings: Settings, job: str, since: dt.datetime) -> dict:
 
 def scratch_postgres(admin_url: str, name: str) -> str:
     """Create database `name` on the server of `admin_url`; its URL."""
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(with_driver(admin_url), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
         conn.exec_driver_sql(f"CREATE DATABASE {name}")
     admin.dispose()
-    return sa.engine.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    return sa.engine.make_url(with_driver(admin_url)).set(database=name).render_as_string(hide_password=False)
 
 
 def drop_postgres(admin_url: str, name: str) -> None:
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(with_driver(admin_url), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     admin.dispose()
@@ -241,7 +261,9 @@ def text(result: dict) -> str:
     for run_ in result["runs"]:
         for job, m in run_["jobs"].items():
             lines.append(f"  {run_['backend']:<10} {run_['rows']:>10,} {run_['loaded']['load_seconds']:>8.1f}  {job:<10} "
-                         f"{m['seconds']:>8.2f} {m['peak_rss_mb']:>12.1f} {m['traced_peak_mb']:>10.2f}")
+                         f"{m['seconds']:>8.2f} {m['peak_rss_mb']:>12.1f} {m['traced_peak_mb']:>10.2f}"
+                         + (f"  (one query: median {q['median']:.3f} s over {m['outcome']['summarised_rows']:,} rows)"
+                            if (q := m["outcome"].get("query_seconds")) else ""))
     return "\n".join(lines)
 
 

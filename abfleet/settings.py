@@ -46,6 +46,15 @@ _ALIASES = {
 }
 
 
+
+def with_driver(url: str) -> str:
+    """`url` naming the PostgreSQL driver that is installed (psycopg2) where it names none:
+    SQLAlchemy 2.1 reads a plain `postgresql://` as psycopg 3. Other URLs are returned as given."""
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg2://" + url[len(plain):]
+    return url
+
 @dataclass(frozen=True)
 class Settings:
     run_dir: Path = field(default_factory=default_run_dir)
@@ -205,11 +214,7 @@ class Settings:
     def db_url(self) -> str:
         """The store's SQLAlchemy URL. A plain `postgresql://` (what compose, RDS and most
         tools write) names the driver that is installed: SQLAlchemy 2.1 would pick psycopg 3."""
-        url = self.database_url or f"sqlite:///{self.run_dir / 'store.db'}"
-        for plain in ("postgresql://", "postgres://"):
-            if url.startswith(plain):
-                return "postgresql+psycopg2://" + url[len(plain):]
-        return url
+        return with_driver(self.database_url or f"sqlite:///{self.run_dir / 'store.db'}")
 
     @property
     def tracking_uri(self) -> str:

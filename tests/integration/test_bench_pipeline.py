@@ -26,7 +26,7 @@ def test_bench_pipeline_json_and_memory_bounded_by_the_sample(tmp_path, postgres
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     print(json.dumps(result["runs"], indent=1))  # the figures, with -s
-    assert result["config"]["sample_rows"] == SAMPLE and result["config"]["jobs"] == ["evaluation", "drift"]
+    assert result["config"]["sample_rows"] == SAMPLE and result["config"]["jobs"] == ["evaluation", "drift", "summary"]
     runs = {(r["backend"], r["rows"]): r for r in result["runs"]}
     assert set(runs) == {(b, n) for b in ("sqlite", "postgresql") for n in (SMALL, LARGE)}
     for (backend, n), run in runs.items():
@@ -39,6 +39,10 @@ def test_bench_pipeline_json_and_memory_bounded_by_the_sample(tmp_path, postgres
         assert all(rows <= SAMPLE for rows in arms["sampled_rows"].values())
         assert drift["outcome"]["current_rows"] == n and drift["outcome"]["sampled_rows"] == SAMPLE
         assert drift["outcome"]["drift_detected"] is False, (backend, n, drift["outcome"])
+        # /api/metrics' query over the whole window sees every production row.
+        summarised = run["jobs"]["summary"]["outcome"]
+        assert summarised["summarised_rows"] == arms["arm_rows"]["production"], (backend, n, summarised)
+        assert 0 < summarised["query_seconds"]["min"] <= summarised["query_seconds"]["median"] <= summarised["query_seconds"]["max"]
     for backend in ("sqlite", "postgresql"):
         for job in ("evaluation", "drift"):
             small, large = (runs[(backend, n)]["jobs"][job]["traced_peak_mb"] for n in (SMALL, LARGE))

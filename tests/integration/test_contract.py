@@ -90,8 +90,8 @@ def test_schemathesis_finds_nothing(fleet):
     OUTPUT_DIR.mkdir(exist_ok=True)
     report = OUTPUT_DIR / "schemathesis-junit.xml"
     command = [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(HERE / "schemathesis.toml"),
-               "run", f"{fleet.router_url}{api.OPENAPI}", "--checks", "all", "--max-examples", "15",
-               "--seed", "15", "--generation-database", "none", "--no-color", "--workers", "2",
+               "run", f"{fleet.router_url}{api.OPENAPI}", "--checks", "all", "--max-examples", "10",
+               "--seed", "10", "--generation-database", "none", "--no-color", "--workers", "2",
                "-H", f"X-User-Id: {USER['X-User-Id']}-fuzz", "--report", "junit", "--report-junit-path", str(report)]
     # Run from test-output/: Schemathesis keeps its cache (.schemathesis/) in the working directory.
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=OUTPUT_DIR)

@@ -93,23 +93,33 @@ def test_five_flooders_count_as_five_users_and_do_not_sink_the_candidate(live):
         if predict(settings, rows[0], user).headers["X-Variant"] == "candidate":
             flooders.append(user)
 
-    def flood(user: str) -> None:
+    def flood(user: str) -> list[str]:
+        answered = []
         for i in range(FLOOD):
-            rate(settings, predict(settings, rows[i % len(rows)], user), user, 1)
+            answer = predict(settings, rows[i % len(rows)], user)
+            rate(settings, answer, user, 1)
+            answered.append(answer.headers["X-Variant"])
+        return answered
 
+    # Counted by the arm that answered: on a loaded machine the router may fail a request over
+    # to production (a connect timeout), and the row then belongs to production.
     with ThreadPoolExecutor(FLOODERS) as pool:
-        list(pool.map(flood, flooders))
-    expected = {"production": arms.count("production"), "candidate": arms.count("candidate") + FLOODERS * FLOOD}
+        floods = list(pool.map(flood, flooders))
+    flooded = {v: sum(f.count(v) for f in floods) for v in ("production", "candidate")}
+    assert flooded["candidate"] >= FLOODERS * FLOOD * 0.9, flooded  # the router kept them on the candidate
+    raters = {v: arms.count(v) + sum(v in f for f in floods) for v in flooded}
+    expected = {v: arms.count(v) + flooded[v] for v in flooded}
     for variant, count in expected.items():
         wait_for(lambda: scraped_ratings(settings, variant, versions[variant]) >= count, 60, 1.0,
-                 what=f"Prometheus to scrape the {variant} ratings")
+                 what=f"Prometheus to scrape {count} {variant} ratings")
 
     record = evaluate(settings, min_runtime_hours="0")
     assert "people" in record["checks"], (record["reasons"], record["checks"], record["stats"])
     people = record["checks"]["people"]
-    assert people["candidate"]["rating_users"] == arms.count("candidate") + FLOODERS, people
+    assert people["candidate"]["rating_users"] == raters["candidate"], people
     assert people["candidate"]["ratings"] == expected["candidate"], people
-    assert people["production"]["rating_users"] == people["production"]["ratings"] == expected["production"]
+    assert people["production"]["rating_users"] == raters["production"], people
+    assert people["production"]["ratings"] == expected["production"], people
     assert record["checks"]["ratings"]["status"] != "worse", record["checks"]["ratings"]
     assert record["decision"] != ROLLBACK, record["reasons"]
     assert record["checks"]["srm"]["unit"] == "users" and record["checks"]["srm"]["status"] == "pass"

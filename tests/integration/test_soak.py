@@ -33,7 +33,7 @@ def test_a_short_soak_loses_nothing_and_reports_every_phase(tmp_path):
     run_dir = tmp_path / "run"
     report_path = tmp_path / "report.json"
     env = procs.child_env(Settings(run_dir=run_dir))
-    done = subprocess.run([procs.venv_bin("abfleet"), "soak", "--minutes", "1.5", "--rate", "10",
+    done = subprocess.run([procs.venv_bin("abfleet"), "soak", "--minutes", "1", "--rate", "10",
                            "--report", str(report_path)], env=env, capture_output=True, text=True, timeout=900)
     print(done.stderr[-4000:])
     print(done.stdout)
@@ -41,7 +41,7 @@ def test_a_short_soak_loses_nothing_and_reports_every_phase(tmp_path):
     report = json.loads(report_path.read_text())
 
     rows = report["rows"]
-    assert rows["answered"] > 300 and rows["lost"] == 0 and rows["stored_twice"] == 0, rows
+    assert rows["answered"] > 200 and rows["lost"] == 0 and rows["stored_twice"] == 0, rows
     assert rows["stored"] >= rows["answered"], rows
     assert report["requests"]["total"] == sum(report["requests"]["by_status"].values())
     assert report["requests"]["by_status"]["200"] == rows["answered"]
