@@ -72,7 +72,9 @@ def services(settings: Settings) -> list[Service]:
         "prometheus", settings.prometheus_port,
         [prom, f"--config.file={run / 'prometheus.yml'}", f"--storage.tsdb.path={run / 'prometheus'}",
          f"--web.listen-address={h}:{settings.prometheus_port}", "--web.enable-lifecycle",
-         "--storage.tsdb.retention.time=30d"],
+         # Firing alerts are sent again every 15 s (default 1 min): after a reload Prometheus
+         # rediscovers Alertmanager, and what it sent meanwhile reaches it 15 s later.
+         "--rules.alert.resend-delay=15s", "--storage.tsdb.retention.time=30d"],
         f"{settings.local_url(settings.prometheus_port)}/-/ready", "prometheus",
     ))
     out.append(airflow_local.service(settings))  # started only with --with-airflow
