@@ -229,10 +229,11 @@ def run(settings: Settings, rows: list[int], *, postgres: str | None = None, sql
             name = f"abfleet_bench_{stamp:%Y%m%d%H%M%S}_{n}"
             url = f"sqlite:///{run_dir / f'store-{n}.db'}" if backend == "sqlite" else scratch_postgres(postgres, name)
             try:
-                job_settings = settings.replace(database_url=url, run_dir=run_dir, spool_dir=str(run_dir / "spool"),
-                                                db_statement_timeout_s=600.0)
+                # The jobs run with the fleet's own settings (job_statement_timeout_s included);
+                # only the bulk load gets all the time it needs.
+                job_settings = settings.replace(database_url=url, run_dir=run_dir, spool_dir=str(run_dir / "spool"))
                 say(f"bench pipeline: {backend}, filling {n:,} predictions")
-                store = Store.from_settings(job_settings)
+                store = Store.from_settings(job_settings.replace(db_statement_timeout_s=3600.0))
                 now = dt.datetime.now(dt.timezone.utc)
                 try:
                     loaded = fill(store, n, now=now)

@@ -165,6 +165,10 @@ class Settings:
     # and statement_timeout; SQLite's busy timeout). Predictions never wait for the database.
     db_connect_timeout_s: float = 3.0
     db_statement_timeout_s: float = 5.0
+    # Commands and the pipeline's jobs (evaluation, drift, training) aggregate over every row of
+    # an experiment: a statement of theirs may take this long (a week at 10 requests/s is
+    # millions of rows). Below the evaluation task's 10-minute timeout.
+    job_statement_timeout_s: float = 300.0
     # How often a server pings the database (for /api/ready and /api/health) and re-reads the
     # fleet state it exports on /metrics, in the background: requests only read the results.
     db_check_interval_s: float = 5.0
@@ -373,7 +377,8 @@ class Settings:
                 raise ValueError(f"ABFLEET_{variant.upper()}_PORTS names {len(ports)} ports for {self.replicas} replicas")
         if not 0 <= self.feedback_settle_s < float("inf"):
             raise ValueError(f"ABFLEET_FEEDBACK_SETTLE_S must be >= 0 seconds, got {self.feedback_settle_s}")
-        for name in ("db_connect_timeout_s", "db_statement_timeout_s", "db_check_interval_s", "feedback_pending_max_age_s",
+        for name in ("db_connect_timeout_s", "db_statement_timeout_s", "job_statement_timeout_s", "db_check_interval_s",
+                     "feedback_pending_max_age_s",
                      "reload_wait_s"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"ABFLEET_{name.upper()} must be a positive number of seconds, got {getattr(self, name)}")

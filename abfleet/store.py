@@ -435,9 +435,11 @@ _POSTGRES_INSERT_SPOOLED = sa.text(
 
 @contextlib.contextmanager
 def open_store(settings: "Settings", *, create_schema: bool = True) -> Iterator[Store]:
-    """The fleet's prediction store for the length of a `with` block, closed afterwards; with
+    """The fleet's prediction store for the length of a `with` block, closed afterwards, as a
+    command or a job opens it (statements may take `settings.job_statement_timeout_s`); with
     `create_schema`, its migrations run first (a command's own tables; never a server's)."""
-    store = Store(settings.db_url, spool_dir=settings.spool_dir or None)
+    store = Store(settings.db_url, spool_dir=settings.spool_dir or None, connect_timeout=settings.db_connect_timeout_s,
+                  statement_timeout=settings.job_statement_timeout_s)
     try:
         if create_schema:
             store.init_schema()

@@ -187,3 +187,17 @@ def test_the_help_names_both_actions():
     result = subprocess.run([str(procs.venv_bin("abfleet")), "db", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "upgrade" in result.stdout and "current" in result.stdout
     assert "Servers never create or alter tables" in result.stdout
+
+
+def test_jobs_get_the_job_statement_timeout_and_servers_the_short_one(tmp_path):
+    """A job's aggregate over millions of rows must not meet the servers' 5-second limit."""
+    from abfleet.store import open_store
+
+    settings = Settings(run_dir=tmp_path, db_statement_timeout_s=5.0, job_statement_timeout_s=240.0)
+    with open_store(settings) as store:
+        assert store.statement_timeout == 240.0
+    server = Store.from_settings(settings)
+    try:
+        assert server.statement_timeout == 5.0
+    finally:
+        server.close()
