@@ -6,7 +6,7 @@ Revises: 0001
 
 The column is nullable: existing rows have none, and no decision reads it. The index
 (variant, created_at, latency_ms) lets the summary's one aggregate query read the index alone
-(scripts/bench_metrics_summary.py: 0.7 to 1.5 s for a day of 800,000 predictions on SQLite,
+(`abfleet bench pipeline`, job `summary`: 0.7 to 1.5 s for 800,000 predictions on SQLite,
 against 4 s and more through the created_at index and the table).
 """
 
