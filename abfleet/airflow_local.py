@@ -10,6 +10,7 @@ Airflow runs in child processes with `airflow_env(settings)`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -274,3 +275,38 @@ def test_dag(settings: Settings, dag_file_or_id: str | Path, conf: dict | None =
 
 
 test_dag.__test__ = False  # not a pytest test, even when a test module imports it
+
+
+# Runs in a child process with airflow_env(): each task's execution_timeout as the DAG declares it.
+_TIMEOUTS_SCRIPT = """
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+
+path, dag_id = sys.argv[1], sys.argv[2]
+bag = DagBag(dag_folder=path, safe_mode=False)
+dag = bag.dags.get(dag_id) or sys.exit(f"no DAG {dag_id!r} in {path}: {bag.import_errors or sorted(bag.dags)}")
+timeouts = {t.task_id: t.execution_timeout.total_seconds() if t.execution_timeout else None for t in dag.tasks}
+print(json.dumps(timeouts))
+"""
+
+
+def task_timeouts(settings: Settings, dag_id: str, *, timeout: float = 300.0) -> dict[str, float | None]:
+    """task id → its execution_timeout in seconds (None: no limit), read from the parsed DAG."""
+    path, _ = dag_file(dag_id)
+    proc = subprocess.run([sys.executable, "-c", _TIMEOUTS_SCRIPT, str(path), dag_id],
+                          env=child_env(settings, airflow_env(settings)), cwd=project_root(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AirflowLocalError(f"could not read the tasks of {dag_id}{_cause(proc.stderr)}\n{_tail(proc.stderr)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def task_runs(settings: Settings, dag_id: str, run_id: str) -> dict[str, dict]:
+    """task id → {"state", "seconds"} of one run, from the local metadata database (the one
+    dag.test() writes to)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(airflow_home(settings) / "airflow.db")) as conn:
+        rows = conn.execute("SELECT task_id, state, duration FROM task_instance WHERE dag_id = ? AND run_id = ?",
+                            (dag_id, run_id)).fetchall()
+    return {task: {"state": state, "seconds": duration} for task, state, duration in rows}
