@@ -80,7 +80,23 @@ def _status_text(state: dict) -> str:
     w = state["weights"]
     lines.append(f"  weights: production {w['production']}% / candidate {w['candidate']}%")
     lines.append("  " + "  ".join(f"{k}: {v}" for k, v in state["urls"].items()))
+    if "dags" in state:
+        lines.extend(_dags_text(state["dags"]))
     return "\n".join(lines)
+
+
+def _dags_text(dags: dict) -> list[str]:
+    """Each DAG's latest run, and why a task of it skipped itself."""
+    if "error" in dags:
+        return [f"  DAG runs unknown: {dags['error']}"]
+    lines = ["  DAGs, latest run:"]
+    for dag_id, run in dags.items():
+        if run is None:
+            lines.append(f"    {dag_id:<17} no run yet")
+            continue
+        lines.append(f"    {dag_id:<17} {run['state']:<8} {run['run_id']}")
+        lines.extend(f"      {task} skipped: {reason}" for task, reason in run["skipped"].items())
+    return lines
 
 
 def cmd_data_synth(args: argparse.Namespace, settings: Settings) -> int:

@@ -15,6 +15,8 @@ import signal
 from pathlib import Path
 from typing import Callable
 
+import requests
+
 from abfleet import airflow_local, fleet, migrations, monitoring, procs, registry, router
 from abfleet.procs import ProcessError, Service, answers_http, child_env, port_taken, venv_bin
 from abfleet.settings import VARIANTS, Settings
@@ -293,7 +295,7 @@ def status(settings: Settings) -> dict:
     except registry.RegistryError:
         aliases = None
     weight = current_weight(settings)
-    return {
+    out = {
         "run_dir": str(settings.run_dir),
         "processes": processes,
         "aliases": aliases,
@@ -306,3 +308,15 @@ def status(settings: Settings) -> dict:
             **({"airflow": f"{settings.airflow_url}/"} if "airflow" in processes else {}),
         },
     }
+    if (processes.get("airflow") or {}).get("healthy"):
+        out["dags"] = dag_runs(settings)
+    return out
+
+
+def dag_runs(settings: Settings) -> dict:
+    """Each DAG's latest run (`airflow_local.latest_runs`), or {"error": why} when Airflow's API
+    does not tell."""
+    try:
+        return airflow_local.latest_runs(settings)
+    except (ProcessError, requests.RequestException, ValueError, KeyError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}

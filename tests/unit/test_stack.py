@@ -58,3 +58,16 @@ def test_a_taken_airflow_port_names_airflows_setting(tmp_path):
     with busy_port() as port:
         with pytest.raises(stack.StackError, match=f"port {port} \\(airflow\\) is taken.*ABFLEET_AIRFLOW_PORT"):
             stack.up(settings.replace(airflow_port=port), only=("airflow",), say=lambda _m: None)
+
+
+def test_status_text_lists_each_dags_latest_run_and_why_a_task_skipped():
+    state = {"run_dir": "run", "processes": {}, "aliases": {"production": "1", "candidate": None},
+             "weights": {"production": 100, "candidate": 0}, "urls": {},
+             "dags": {"evaluate_ab": None,
+                      "train_candidate": {"run_id": "scheduled__x", "state": "success", "tasks": {"train": "skipped"},
+                                          "skipped": {"train": "nothing to train on: no dataset"}}}}
+    lines = cli._status_text(state).splitlines()
+    assert "    evaluate_ab       no run yet" in lines
+    assert "    train_candidate   success  scheduled__x" in lines and "      train skipped: nothing to train on: no dataset" in lines
+    assert cli._status_text({**state, "dags": {"error": "ConnectionError: refused"}}).endswith(
+        "DAG runs unknown: ConnectionError: refused")
