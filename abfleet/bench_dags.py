@@ -135,6 +135,8 @@ def run(settings: Settings, rows: int, *, postgres: str | None = None, dag_timeo
     run_dir = settings.run_dir / "bench" / f"dags-{stamp:%Y%m%dT%H%M%SZ}"
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"abfleet_bench_dags_{stamp:%Y%m%d%H%M%S}"
+    if postgres:  # a plain postgresql:// names the installed driver, as the fleet's own URL does
+        postgres = settings.replace(database_url=postgres).db_url
     url = bench_pipeline.scratch_postgres(postgres, name) if postgres else f"sqlite:///{run_dir / 'store.db'}"
     bench = isolated(settings, run_dir, url)
     wanted = services()
