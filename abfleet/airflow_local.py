@@ -10,6 +10,7 @@ Airflow runs in child processes with `airflow_env(settings)`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -218,6 +219,44 @@ def wait_for_run(settings: Settings, dag_id: str, run_id: str, timeout: float = 
                             + (" (the DAG is paused)" if paused else ""))
 
 
+def dag_ids() -> list[str]:
+    """The project's DAGs: one `dags/<id>_dag.py` each."""
+    return sorted(p.name.removesuffix("_dag.py") for p in dags_folder().glob("*_dag.py"))
+
+
+def _skip_reason(s: requests.Session, url: str, try_number: int) -> str | None:
+    """The reason a task that ran gave for skipping itself (AirflowSkipException), from its log."""
+    r = s.get(f"{url}/logs/{try_number}", headers={"Accept": "application/json"}, timeout=30)
+    if r.status_code != 200:
+        return None
+    events = [e for e in (r.json().get("content") or []) if isinstance(e, dict) and e.get("reason")]
+    return str(events[-1]["reason"]) if events else None
+
+
+def latest_runs(settings: Settings) -> dict[str, dict | None]:
+    """Each DAG's latest run as the REST API reports it: {"run_id", "state", "tasks": {task:
+    state}, "skipped": {task: reason}} (tasks that ran and skipped themselves, with the reason
+    from their log; a branch's unchosen tasks never ran and are not listed there); None for a
+    DAG without a run yet or not parsed yet."""
+    s = _session(settings)
+    base = f"{settings.airflow_url}/api/v2/dags"
+    out: dict[str, dict | None] = {}
+    for dag_id in dag_ids():
+        r = s.get(f"{base}/{dag_id}/dagRuns", params={"order_by": "-run_after", "limit": 1}, timeout=30)
+        runs = [] if r.status_code == 404 else _check(r, f"list the runs of {dag_id}")["dag_runs"]
+        if not runs:
+            out[dag_id] = None
+            continue
+        run = runs[0]
+        url = f"{base}/{dag_id}/dagRuns/{run['dag_run_id']}/taskInstances"
+        tasks = _check(s.get(url, timeout=30), f"list the tasks of {run['dag_run_id']}")["task_instances"]
+        out[dag_id] = {"run_id": run["dag_run_id"], "run_type": run.get("run_type"), "state": run["state"],
+                       "tasks": {t["task_id"]: t["state"] for t in tasks},
+                       "skipped": {t["task_id"]: _skip_reason(s, f"{url}/{t['task_id']}", t["try_number"])
+                                   for t in tasks if t["state"] == "skipped" and t["try_number"] > 0}}
+    return out
+
+
 # ---- dag.test() ----------------------------------------------------------------------
 
 # Runs in a child process with airflow_env(): parse one DAG file, run the DAG in-process.
@@ -274,3 +313,38 @@ def test_dag(settings: Settings, dag_file_or_id: str | Path, conf: dict | None =
 
 
 test_dag.__test__ = False  # not a pytest test, even when a test module imports it
+
+
+# Runs in a child process with airflow_env(): each task's execution_timeout as the DAG declares it.
+_TIMEOUTS_SCRIPT = """
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+
+path, dag_id = sys.argv[1], sys.argv[2]
+bag = DagBag(dag_folder=path, safe_mode=False)
+dag = bag.dags.get(dag_id) or sys.exit(f"no DAG {dag_id!r} in {path}: {bag.import_errors or sorted(bag.dags)}")
+timeouts = {t.task_id: t.execution_timeout.total_seconds() if t.execution_timeout else None for t in dag.tasks}
+print(json.dumps(timeouts))
+"""
+
+
+def task_timeouts(settings: Settings, dag_id: str, *, timeout: float = 300.0) -> dict[str, float | None]:
+    """task id → its execution_timeout in seconds (None: no limit), read from the parsed DAG."""
+    path, _ = dag_file(dag_id)
+    proc = subprocess.run([sys.executable, "-c", _TIMEOUTS_SCRIPT, str(path), dag_id],
+                          env=child_env(settings, airflow_env(settings)), cwd=project_root(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AirflowLocalError(f"could not read the tasks of {dag_id}{_cause(proc.stderr)}\n{_tail(proc.stderr)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def task_runs(settings: Settings, dag_id: str, run_id: str) -> dict[str, dict]:
+    """task id → {"state", "seconds"} of one run, from the local metadata database (the one
+    dag.test() writes to)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(airflow_home(settings) / "airflow.db")) as conn:
+        rows = conn.execute("SELECT task_id, state, duration FROM task_instance WHERE dag_id = ? AND run_id = ?",
+                            (dag_id, run_id)).fetchall()
+    return {task: {"state": state, "seconds": duration} for task, state, duration in rows}

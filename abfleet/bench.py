@@ -314,14 +314,14 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def add_bench_parser(sub, *subcommands: Callable) -> argparse.ArgumentParser:
-    """`abfleet bench`; each of `subcommands` adds its parser to bench's (`abfleet bench pipeline`)."""
+    """`abfleet bench`; each of `subcommands` adds its parser to bench's (`abfleet bench pipeline`, `abfleet bench dags`)."""
     p = sub.add_parser("bench", help="the serving benchmark: trivial endpoint vs our predict vs mlflow models serve")
     p.add_argument("--duration", type=float, default=DURATION_S, help=f"seconds per measurement (default {DURATION_S:g})")
     p.add_argument("--connections", type=int, default=CONNECTIONS, help=f"concurrent connections (default {CONNECTIONS})")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_bench)
     if subcommands:
-        kinds = p.add_subparsers(dest="bench_kind", metavar="{pipeline}")
+        kinds = p.add_subparsers(dest="bench_kind", metavar="{pipeline,dags}")
         for add in subcommands:
             add(kinds)
     return p

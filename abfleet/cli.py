@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from abfleet import bench, bench_pipeline, capacity, evaluation, load, objects, router, soak, stack
+from abfleet import bench, bench_dags, bench_pipeline, capacity, evaluation, load, objects, router, soak, stack
 from abfleet.decision import PROMOTE, ROLLBACK, decide
 from abfleet.settings import VARIANTS, Settings, decision_policy, process_environ, project_root
 from abfleet.store import open_store
@@ -80,7 +80,23 @@ def _status_text(state: dict) -> str:
     w = state["weights"]
     lines.append(f"  weights: production {w['production']}% / candidate {w['candidate']}%")
     lines.append("  " + "  ".join(f"{k}: {v}" for k, v in state["urls"].items()))
+    if "dags" in state:
+        lines.extend(_dags_text(state["dags"]))
     return "\n".join(lines)
+
+
+def _dags_text(dags: dict) -> list[str]:
+    """Each DAG's latest run, and why a task of it skipped itself."""
+    if "error" in dags:
+        return [f"  DAG runs unknown: {dags['error']}"]
+    lines = ["  DAGs, latest run:"]
+    for dag_id, run in dags.items():
+        if run is None:
+            lines.append(f"    {dag_id:<17} no run yet")
+            continue
+        lines.append(f"    {dag_id:<17} {run['state']:<8} {run['run_id']}")
+        lines.extend(f"      {task} skipped: {reason}" for task, reason in run["skipped"].items())
+    return lines
 
 
 def cmd_data_synth(args: argparse.Namespace, settings: Settings) -> int:
@@ -339,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_drift)
 
     load.add_load_parser(sub).set_defaults(func=cmd_load)
-    bench.add_bench_parser(sub, bench_pipeline.add_parser)
+    bench.add_bench_parser(sub, bench_pipeline.add_parser, bench_dags.add_parser)
     soak.add_soak_parser(sub)
 
     p = sub.add_parser("history", help="every decision with its numbers")

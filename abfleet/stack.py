@@ -15,6 +15,8 @@ import signal
 from pathlib import Path
 from typing import Callable
 
+import requests
+
 from abfleet import airflow_local, fleet, migrations, monitoring, procs, registry, router
 from abfleet.procs import ProcessError, Service, answers_http, child_env, port_taken, venv_bin
 from abfleet.settings import VARIANTS, Settings
@@ -172,6 +174,20 @@ def prepare(settings: Settings, candidate_weight: int) -> None:
     fleet.set_candidate_weight(settings, candidate_weight)
 
 
+def chosen(settings: Settings, only: tuple[str, ...] | None = None, with_airflow: bool = False) -> list[Service]:
+    """The services `up` starts, in start order: all but the optional ones (or `only` those
+    named), Airflow only `with_airflow`."""
+    wanted = set(only) if only is not None else {s.name for s in services(settings)} - set(OPTIONAL)
+    if with_airflow:
+        wanted.add("airflow")
+    # A variant's name stands for all its replicas. By name only: every service's environment
+    # may carry VARIANT (Airflow's holds all the settings), and a plain `up` must not start Airflow.
+    for variant in VARIANTS:
+        if variant in wanted:
+            wanted.update(settings.replica_names(variant))
+    return [svc for svc in services(settings) if svc.name in wanted]
+
+
 def up(settings: Settings, *, candidate_weight: int | None = None, only: tuple[str, ...] | None = None,
        with_airflow: bool = False, say: Callable[[str], None] = print) -> dict:
     """Start whatever is not running yet (all services, or `only` those named); return the status.
@@ -183,11 +199,7 @@ def up(settings: Settings, *, candidate_weight: int | None = None, only: tuple[s
     check_replicas(settings)
     say(f"  store       {migrations.upgrade(settings.db_url).describe()}")
     weight = current_weight(settings) if candidate_weight is None else candidate_weight
-    wanted = set(only) if only is not None else {s.name for s in services(settings)} - set(OPTIONAL)
-    if with_airflow:
-        wanted.add("airflow")
-    # A variant's name stands for all its replicas.
-    todo = [svc for svc in services(settings) if svc.name in wanted or svc.env.get("VARIANT") in wanted]
+    todo = chosen(settings, only, with_airflow)
     for svc in todo:
         if svc.command[0].endswith("-missing"):
             tool = svc.command[0].removesuffix("-missing")
@@ -202,7 +214,7 @@ def up(settings: Settings, *, candidate_weight: int | None = None, only: tuple[s
             say(f"  {svc.name:<11} already running (pid {pid}) on :{svc.port}")
             continue
         if port_taken(settings.host, svc.port):
-            variant = svc.env.get("VARIANT")
+            variant = _variant_of(settings, svc)
             setting = (f"ABFLEET_{variant.upper()}_PORT" if settings.replicas == 1 else f"ABFLEET_{variant.upper()}_PORTS"
                        ) if variant else f"ABFLEET_{svc.name.upper()}_PORT"
             raise StackError(
@@ -215,6 +227,11 @@ def up(settings: Settings, *, candidate_weight: int | None = None, only: tuple[s
         _start(settings, svc)
         say(f"  {svc.name:<11} started on :{svc.port}")
     return status(settings)
+
+
+def _variant_of(settings: Settings, svc: Service) -> str | None:
+    """The variant a model server serves; None for every other service."""
+    return next((v for v in VARIANTS if svc.name in settings.replica_names(v)), None)
 
 
 def admin_token(settings: Settings) -> str:
@@ -280,7 +297,7 @@ def status(settings: Settings) -> dict:
     except registry.RegistryError:
         aliases = None
     weight = current_weight(settings)
-    return {
+    out = {
         "run_dir": str(settings.run_dir),
         "processes": processes,
         "aliases": aliases,
@@ -293,3 +310,15 @@ def status(settings: Settings) -> dict:
             **({"airflow": f"{settings.airflow_url}/"} if "airflow" in processes else {}),
         },
     }
+    if (processes.get("airflow") or {}).get("healthy"):
+        out["dags"] = dag_runs(settings)
+    return out
+
+
+def dag_runs(settings: Settings) -> dict:
+    """Each DAG's latest run (`airflow_local.latest_runs`), or {"error": why} when Airflow's API
+    does not tell."""
+    try:
+        return airflow_local.latest_runs(settings)
+    except (ProcessError, requests.RequestException, ValueError, KeyError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}

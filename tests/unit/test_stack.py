@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import pytest
@@ -10,12 +11,18 @@ from abfleet import cli, router, stack
 from tests.helpers import fleet_settings
 
 
-def test_a_taken_port_is_named_with_the_setting_to_change(tmp_path, capsys, monkeypatch):
-    settings = fleet_settings(tmp_path / "run")
+@contextlib.contextmanager
+def busy_port():
+    """A loopback port something listens on, for the length of the block."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        port = busy.getsockname()[1]
+        yield busy.getsockname()[1]
+
+
+def test_a_taken_port_is_named_with_the_setting_to_change(tmp_path, capsys, monkeypatch):
+    settings = fleet_settings(tmp_path / "run")
+    with busy_port() as port:
         with pytest.raises(stack.StackError, match=f"port {port} \\(mlflow\\) is taken.*ABFLEET_MLFLOW_PORT"):
             stack.up(settings.replace(mlflow_port=port), only=("mlflow",), say=lambda _m: None)
         monkeypatch.setenv("ABFLEET_RUN_DIR", str(tmp_path / "run"))
@@ -33,3 +40,34 @@ def test_missing_nginx_says_how_to_install_it(tmp_path, monkeypatch):
 
 def test_down_with_nothing_running_stops_nothing(tmp_path):
     assert stack.down(fleet_settings(tmp_path / "run"), say=lambda _m: None) == []
+
+
+def test_plain_up_leaves_airflow_out_and_a_variant_means_its_replicas(tmp_path):
+    # Airflow's environment carries every setting, VARIANT included: that must not make it a server.
+    settings = fleet_settings(tmp_path / "run")
+    plain = [svc.name for svc in stack.chosen(settings)]
+    assert "airflow" not in plain and {"mlflow", "production", "candidate", "router", "prometheus"} <= set(plain)
+    assert [svc.name for svc in stack.chosen(settings, with_airflow=True)] == plain + ["airflow"]
+    assert [svc.name for svc in stack.chosen(settings, only=("production",))] == ["production"]
+    replicas = settings.replace(replicas=2)
+    assert [svc.name for svc in stack.chosen(replicas, only=("candidate", "mlflow"))] == ["mlflow", "candidate-1", "candidate-2"]
+
+
+def test_a_taken_airflow_port_names_airflows_setting(tmp_path):
+    settings = fleet_settings(tmp_path / "run")
+    with busy_port() as port:
+        with pytest.raises(stack.StackError, match=f"port {port} \\(airflow\\) is taken.*ABFLEET_AIRFLOW_PORT"):
+            stack.up(settings.replace(airflow_port=port), only=("airflow",), say=lambda _m: None)
+
+
+def test_status_text_lists_each_dags_latest_run_and_why_a_task_skipped():
+    state = {"run_dir": "run", "processes": {}, "aliases": {"production": "1", "candidate": None},
+             "weights": {"production": 100, "candidate": 0}, "urls": {},
+             "dags": {"evaluate_ab": None,
+                      "train_candidate": {"run_id": "scheduled__x", "state": "success", "tasks": {"train": "skipped"},
+                                          "skipped": {"train": "nothing to train on: no dataset"}}}}
+    lines = cli._status_text(state).splitlines()
+    assert "    evaluate_ab       no run yet" in lines
+    assert "    train_candidate   success  scheduled__x" in lines and "      train skipped: nothing to train on: no dataset" in lines
+    assert cli._status_text({**state, "dags": {"error": "ConnectionError: refused"}}).endswith(
+        "DAG runs unknown: ConnectionError: refused")
