@@ -61,9 +61,16 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    ok = True
+    if args.wait_dags:
+        ok, runs = stack.wait_for_dag_runs(settings, args.wait_dags, say=lambda m: print(m, file=sys.stderr, flush=True))
+        if not ok:
+            why = runs.get("error") or ", ".join(f"{d}: {r['state'] if r else 'no run'}" for d, r in runs.items())
+            print(f"abfleet status: the DAGs' latest runs did not all succeed within {args.wait_dags:g} s ({why})",
+                  file=sys.stderr)
     state = stack.status(settings)
     _emit(args, state, _status_text(state))
-    return 0
+    return 0 if ok else 1
 
 
 def _status_text(state: dict) -> str:
@@ -71,7 +78,7 @@ def _status_text(state: dict) -> str:
     for name, proc in state["processes"].items():
         health = "healthy" if proc["healthy"] else ("running" if proc["running"] else "stopped")
         pid = f"pid {proc['pid']}" if proc["pid"] else ""
-        lines.append(f"  {name:<11} :{proc['port']:<6} {health:<8} {pid}")
+        lines.append(f"  {name:<12} :{proc['port']:<6} {health:<8} {pid}")
     aliases = state["aliases"]
     if aliases is None:
         lines.append("  registry unreachable: aliases unknown")
@@ -283,8 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("down", help="stop only what `up` started")
     p.set_defaults(func=cmd_down)
 
-    p = sub.add_parser("status", help="processes, ports, versions per alias, weights")
+    p = sub.add_parser("status", help="processes, ports, versions per alias, weights, DAG runs")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--wait-dags", type=float, default=0, metavar="SECONDS",
+                   help="first wait until every DAG's latest run has ended; exit 1 if one failed, "
+                        "none ran within SECONDS, or Airflow is not running")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("data", help="datasets")

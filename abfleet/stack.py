@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -322,3 +323,27 @@ def dag_runs(settings: Settings) -> dict:
         return airflow_local.latest_runs(settings)
     except (ProcessError, requests.RequestException, ValueError, KeyError) as exc:
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def wait_for_dag_runs(settings: Settings, timeout: float, say: Callable[[str], None] = print,
+                      interval: float = 5.0) -> tuple[bool, dict]:
+    """Wait until every DAG has a latest run that ended (`airflow_local.FINAL_STATES`), saying
+    what is still open every 30 s. (True, runs) when they ended and none failed; (False, runs
+    or {"error": ...}) when one failed, Airflow is not running, or `timeout` seconds passed."""
+    deadline, told = time.monotonic() + timeout, 0.0
+    runs: dict = {}
+    while True:
+        if not airflow_local.healthy(settings):
+            return False, {"error": "Airflow is not running: start it with `abfleet up --with-airflow`"}
+        runs = dag_runs(settings)
+        open_ = [] if "error" in runs else [d for d, r in runs.items() if not r or r["state"] not in airflow_local.FINAL_STATES]
+        if "error" not in runs and not open_:
+            return all(r["state"] == "success" for r in runs.values()), runs
+        if time.monotonic() >= deadline:
+            return False, runs
+        if time.monotonic() - told >= 30:
+            told = time.monotonic()
+            say(f"waiting for the first runs of {', '.join(open_) or 'the DAGs'} "
+                f"({deadline - time.monotonic():.0f} s left)")
+        time.sleep(interval)
+

@@ -71,3 +71,28 @@ def test_status_text_lists_each_dags_latest_run_and_why_a_task_skipped():
     assert "    train_candidate   success  scheduled__x" in lines and "      train skipped: nothing to train on: no dataset" in lines
     assert cli._status_text({**state, "dags": {"error": "ConnectionError: refused"}}).endswith(
         "DAG runs unknown: ConnectionError: refused")
+
+
+def test_waiting_for_dag_runs_ends_when_all_ended_and_fails_on_a_failed_one(monkeypatch, tmp_path):
+    """`abfleet status --wait-dags`: polls until every latest run ended; a failed one is False."""
+    from abfleet import airflow_local
+
+    answers = iter([
+        {"evaluate_ab": None, "drift_monitoring": {"state": "running"}},
+        {"evaluate_ab": {"state": "success"}, "drift_monitoring": {"state": "running"}},
+        {"evaluate_ab": {"state": "success"}, "drift_monitoring": {"state": "failed"}},
+    ])
+    monkeypatch.setattr(airflow_local, "healthy", lambda _s: True)
+    monkeypatch.setattr(stack, "dag_runs", lambda _s: next(answers))
+    settings = fleet_settings(tmp_path)
+    ok, runs = stack.wait_for_dag_runs(settings, 60, say=lambda _m: None, interval=0)
+    assert not ok and runs["drift_monitoring"]["state"] == "failed"
+
+    monkeypatch.setattr(stack, "dag_runs", lambda _s: {"evaluate_ab": {"state": "success"}})
+    assert stack.wait_for_dag_runs(settings, 60, say=lambda _m: None, interval=0) == (True, {"evaluate_ab": {"state": "success"}})
+    monkeypatch.setattr(stack, "dag_runs", lambda _s: {"evaluate_ab": None})
+    ok, runs = stack.wait_for_dag_runs(settings, 0, say=lambda _m: None, interval=0)
+    assert not ok and runs == {"evaluate_ab": None}  # timed out with no run
+    monkeypatch.setattr(airflow_local, "healthy", lambda _s: False)
+    ok, runs = stack.wait_for_dag_runs(settings, 60, say=lambda _m: None, interval=0)
+    assert not ok and "not running" in runs["error"]
