@@ -57,8 +57,12 @@ def people(store: "Store", since: dt.datetime, versions: dict[str, str]) -> dict
             users = conn.execute(sa.select(sa.func.count()).select_from(answered)).scalar_one()
             entry: dict = {"users": int(users)}
             for name, (kind, value) in MEASURES.items():
-                n_users, count, total, total_sq = conn.execute(_per_user(arm, version, since, kind, value)).one()
-                entry[name] = {"users": int(n_users), "count": int(count),
-                               "sum": float(total or 0.0), "sum_sq": float(total_sq or 0.0)}
+                entry[name] = measure(*conn.execute(_per_user(arm, version, since, kind, value)).one())
             out[arm] = entry
     return out
+
+
+def measure(users: int, count: int, total: float | None, total_sq: float | None) -> dict:
+    """One measure of an arm in the `people` shape: its users, their events, and the sum and
+    sum of squares of each user's mean (pure: `abfleet simulate` builds `people` with it)."""
+    return {"users": int(users), "count": int(count), "sum": float(total or 0.0), "sum_sq": float(total_sq or 0.0)}

@@ -45,18 +45,16 @@ def collect(settings: Settings, now: dt.datetime | None = None) -> dict:
     # Exactly the experiment: a window reaching back before `since` would count the
     # production traffic of an earlier experiment and skew the split.
     seconds = max(1, int((now - since).total_seconds()))
-    stats: dict[str, Any] = {"window_hours": round(seconds / 3600.0, 4),
-                             "weights": fleet.weights(fleet.candidate_weight(settings)), "variants": {}}
     arms = {v: versions[v] for v in VARIANTS}
     # Look back far enough to see the whole unreachable stretch the policy allows, and more.
     reach_s = max(600.0, 2 * 60 * decision_policy().max_unreachable_minutes)
     try:
-        stats["variants"] = prometheus.arm_stats(settings.prometheus_api, arms, since.timestamp(),
+        variants = prometheus.arm_stats(settings.prometheus_api, arms, since.timestamp(),
                                                  f"{seconds}s", now.timestamp(), reach_s)
     except prometheus.PrometheusError as exc:
         # No numbers: the decision sees missing data, which never promotes.
         out["problems"].append(str(exc))
-        stats["variants"] = {v: {"model_version": versions[v]} for v in VARIANTS}
+        variants = {v: {"model_version": versions[v]} for v in VARIANTS}
     # Users, and each user's mean rating and APE, from the store: the comparison counts people.
     try:
         with open_store(settings, create_schema=False) as store:
@@ -64,8 +62,7 @@ def collect(settings: Settings, now: dt.datetime | None = None) -> dict:
     except Exception as exc:  # store down: `people` unknown, which never promotes nor rolls back
         out["problems"].append(f"store unreachable, users not counted: {type(exc).__name__}")
         people = {v: None for v in VARIANTS}
-    for v in VARIANTS:
-        stats["variants"][v]["people"] = people[v]
+    stats = experiment_stats(seconds, fleet.weights(fleet.candidate_weight(settings)), variants, people)
     out["stats"] = stats
     out["replicas"] = replicas_check(stats["variants"])
     for v, check in out["replicas"].items():
@@ -82,6 +79,15 @@ def collect(settings: Settings, now: dt.datetime | None = None) -> dict:
         out["problems"].append("the two arms receive different inputs (columns "
                                + ", ".join(out["arms"]["drifted_columns"]) + "): is the split broken?")
     return out
+
+
+def experiment_stats(seconds: float, weights: dict, variants: dict, people: dict) -> dict:
+    """The decision input: the window in hours, the current weights, each arm's numbers (see
+    `prometheus.arm_numbers`) with its `people` (see `aggregates.people`). Pure: `abfleet
+    simulate` builds every hourly look with it."""
+    for v in VARIANTS:
+        variants[v]["people"] = people[v]
+    return {"window_hours": round(seconds / 3600.0, 4), "weights": weights, "variants": variants}
 
 
 def replicas_check(variants: dict) -> dict:

@@ -223,21 +223,37 @@ def variant_stats(prom: Prometheus, variant: str, version: str, since: float, wi
 
     p95 = prom.scalar(f'histogram_quantile(0.95, {growth("latency_bucket", "le")})')
     mean = prom.scalar(f'({growth("latency_sum")}) / ({growth("latency_count")})')
+    return arm_numbers(
+        version,
+        requests=growth_between(prom, series["requests"], since, end, whole_window) if end is not None and not reset
+        else prom.scalar(growth("requests")),
+        errors=prom.scalar(growth("errors")),
+        # No series yet (no server has failed over) is none, not unknown.
+        failovers=prom.scalar(since_start(series["failovers"], "", since, window, failover_reset)) or 0.0,
+        p95_s=p95, mean_s=mean,
+        ratings=prom.by_label(growth("ratings", "stars"), "stars"),
+        quick=prom.by_label(growth("quick", "kind"), "kind"),
+        ape=(prom.scalar(growth("ape_count")), prom.scalar(growth("ape_sum")), prom.scalar(growth("ape_sum_sq"))))
+
+
+def arm_numbers(version: str, *, requests: float | None, errors: float | None, failovers: float | None,
+                p95_s: float | None, mean_s: float | None, ratings: dict[str, float | None],
+                quick: dict[str, float | None], ape: tuple[float | None, float | None, float | None]) -> dict[str, Any]:
+    """One arm's numbers in the decision input's shape, from counts since the start (None:
+    unknown), latencies in seconds, the star and quick-feedback counts by label, and the APE
+    (count, sum, sum of squares). Pure: `abfleet simulate` builds its arms with it too."""
     return {
         "model_version": version,
-        "requests": _count(growth_between(prom, series["requests"], since, end, whole_window) if end is not None and not reset
-                           else prom.scalar(growth("requests"))),
-        "errors": _count(prom.scalar(growth("errors"))),
-        # No series yet (no server has failed over) is none, not unknown.
-        "failovers": _count(prom.scalar(since_start(series["failovers"], "", since, window, failover_reset)) or 0.0),
-        "latency_p95_ms": None if p95 is None else round(p95 * 1000, 3),
-        "latency_mean_ms": None if mean is None else round(mean * 1000, 3),
-        "ratings": _counts(prom.by_label(growth("ratings", "stars"), "stars")),
-        "quick": _counts(prom.by_label(growth("quick", "kind"), "kind")),
+        "requests": _count(requests),
+        "errors": _count(errors),
+        "failovers": _count(failovers),
+        "latency_p95_ms": None if p95_s is None else round(p95_s * 1000, 3),
+        "latency_mean_ms": None if mean_s is None else round(mean_s * 1000, 3),
+        "ratings": _counts(ratings),
+        "quick": _counts(quick),
         # Missing or non-finite stays None (the decision reads "no APE data"), never 0: a sum
         # read as 0 would be a perfect score.
-        "ape": {"count": _count(prom.scalar(growth("ape_count"))), "sum": prom.scalar(growth("ape_sum")),
-                "sum_sq": prom.scalar(growth("ape_sum_sq"))},
+        "ape": {"count": _count(ape[0]), "sum": ape[1], "sum_sq": ape[2]},
     }
 
 
