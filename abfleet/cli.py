@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from abfleet import bench, bench_dags, bench_pipeline, capacity, evaluation, load, objects, router, soak, stack
+from abfleet import bench, bench_dags, bench_pipeline, capacity, evaluation, load, objects, router, sim_report, soak, stack
 from abfleet.decision import PROMOTE, ROLLBACK, decide
 from abfleet.settings import VARIANTS, Settings, decision_policy, process_environ, project_root
 from abfleet.store import open_store
@@ -367,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_load_parser(sub).set_defaults(func=cmd_load)
     bench.add_bench_parser(sub, bench_pipeline.add_parser, bench_dags.add_parser)
     soak.add_soak_parser(sub)
+    sim_report.add_parser(sub)
 
     p = sub.add_parser("history", help="every decision with its numbers")
     p.add_argument("--limit", type=int, default=50, help="how many, newest first (default 50)")
