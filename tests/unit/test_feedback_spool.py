@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from abfleet.feedback import Feedback
 from abfleet.feedback_spool import FeedbackSpool, FeedbackSpoolFull, PendingFeedback, read_pending
 from abfleet.procs import free_port
-from abfleet.serving import Feedback
 from abfleet.settings import Settings
 from abfleet.store import Store
 

@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from abfleet import cli, fleet, monitoring, prometheus, router, stack
+from abfleet.feedback import Feedback
 from abfleet.reload_signal import ReloadSignal
-from abfleet.serving import Feedback, ModelHolder
+from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
 from tests.helpers import answering, fleet_settings, free_port, wait_for
 
