@@ -13,14 +13,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
+from flask import Flask
 
 from abfleet import api, data, migrations, procs, router
+from abfleet.model import FastPredictor
 from abfleet.pgserver import family
 from abfleet.procs import free_port
+from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
+from abfleet.store import Store
+from inference.backend.app import create_app
+from inference.backend.parts import stop_background
 
-__all__ = ["ROOT", "OUTPUT_DIR", "free_port", "wait_for", "fleet_settings", "migrate", "start_model_server", "health",
-           "answering", "Load", "family"]
+__all__ = ["ROOT", "OUTPUT_DIR", "free_port", "wait_for", "fleet_settings", "migrate", "app_serving", "start_model_server",
+           "health", "answering", "Load", "family"]
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_DIR = ROOT / "test-output"
@@ -50,6 +56,19 @@ def migrate(settings: Settings) -> Settings:
     never creates them); returns the settings, for use in an expression."""
     migrations.upgrade(settings.db_url)
     return settings
+
+
+@contextlib.contextmanager
+def app_serving(settings: Settings, predictor: FastPredictor, version: str) -> Iterator[Flask]:
+    """The model server's Flask app holding `predictor` as `version`, over the settings' store
+    (migrated first), its first background database check done; its background threads
+    stopped and its spool flushed afterwards."""
+    store = Store(migrate(settings).db_url)
+    app = create_app(settings, holder=ModelHolder.fixed(settings, predictor, version), store=store)
+    app.extensions["abfleet"]["database"].check()
+    yield app
+    stop_background(app.extensions["abfleet"])
+    store.stop_spool()
 
 
 def start_model_server(settings: Settings, variant: str = "production", *, log: Path, metrics_dir: Path,
