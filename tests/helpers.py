@@ -26,7 +26,7 @@ from inference.backend.app import create_app
 from inference.backend.parts import stop_background
 
 __all__ = ["ROOT", "OUTPUT_DIR", "free_port", "wait_for", "fleet_settings", "migrate", "app_serving", "start_model_server",
-           "health", "answering", "Load", "family"]
+           "health", "answering", "FixedSamples", "Load", "family"]
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_DIR = ROOT / "test-output"
@@ -130,6 +130,18 @@ def answering(status: int, body: dict | None = None) -> Iterator[tuple[str, list
     finally:
         server.shutdown()
         server.server_close()
+
+
+class FixedSamples:
+    """Prometheus's raw samples API over fixed series: {selector: {labels: [(t, v), ...]}}."""
+
+    def __init__(self, series: dict):
+        self.series = series
+
+    def samples(self, selector, seconds, at):
+        return {key: [p for p in points if at - seconds < p[0] <= at]
+                for key, points in self.series[selector].items()
+                if any(at - seconds < p[0] <= at for p in points)}
 
 
 class Load:
