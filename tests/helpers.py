@@ -26,7 +26,7 @@ from inference.backend.app import create_app
 from inference.backend.parts import stop_background
 
 __all__ = ["ROOT", "OUTPUT_DIR", "free_port", "wait_for", "fleet_settings", "migrate", "app_serving", "start_model_server",
-           "health", "answering", "FixedSamples", "Load", "family"]
+           "health", "answering", "router_in_front", "FixedSamples", "Load", "family"]
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_DIR = ROOT / "test-output"
@@ -130,6 +130,24 @@ def answering(status: int, body: dict | None = None) -> Iterator[tuple[str, list
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def router_in_front(run_dir: Path, **settings) -> Iterator[tuple[str, list[dict]]]:
+    """nginx rendered from Settings(**settings), both variants on one recording upstream
+    (`answering` 200); yields the router's URL and the upstream's record."""
+    s = Settings(run_dir=run_dir, router_port=free_port(), **settings)
+    with answering(200, {"ok": True}) as (upstream, seen):
+        address = upstream.removeprefix("http://")
+        config = router.write_config(s, production_servers=[address], candidate_servers=[address])
+        log = run_dir / "logs" / "router.log"
+        proc = procs.start(router.nginx_command(s, config), {}, log)
+        try:
+            procs.wait_ready(proc, lambda: procs.answers_http(f"{s.router_url}/router/health"), name="nginx", log=log,
+                             timeout=30)
+            yield s.router_url, seen
+        finally:
+            procs.stop_child(proc)
 
 
 class FixedSamples:
