@@ -26,7 +26,7 @@ from inference.backend.app import create_app
 from inference.backend.parts import stop_background
 
 __all__ = ["ROOT", "OUTPUT_DIR", "free_port", "wait_for", "fleet_settings", "migrate", "app_serving", "start_model_server",
-           "health", "answering", "router_in_front", "FixedSamples", "Load", "family"]
+           "health", "answering", "router_in_front", "trained_stack", "FixedSamples", "Load", "family"]
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_DIR = ROOT / "test-output"
@@ -148,6 +148,27 @@ def router_in_front(run_dir: Path, **settings) -> Iterator[tuple[str, list[dict]
             yield s.router_url, seen
         finally:
             procs.stop_child(proc)
+
+
+@contextlib.contextmanager
+def trained_stack(folder: Path, seed: int, params) -> Iterator[tuple[Settings, dict[str, str], Path]]:
+    """A local stack of its own under `folder` (reload_interval 1 s), with a production and a
+    candidate model fitted with `params` on 2,000 synthetic rows (`seed`), both servers serving
+    them; yields the settings, the versions by variant and the rows' CSV. Stopped afterwards."""
+    from abfleet import stack, train
+
+    settings = fleet_settings(folder / "run", reload_interval=1.0)
+    stack.up(settings, say=lambda _m: None)
+    try:
+        csv = folder / "rows.csv"
+        data.write_raw(data.synth(2000, seed=seed), csv)
+        versions = {"production": train.train(settings, csv, alias="production", params=params)["version"],
+                    "candidate": train.train(settings, csv, alias="candidate", params=params, seed=1)["version"]}
+        wait_for(lambda: all(health(settings.server_url(v)).get("model_version") == versions[v] for v in versions),
+                 60, what="both servers to load")
+        yield settings, versions, csv
+    finally:
+        stack.down(settings, say=lambda _m: None)
 
 
 class FixedSamples:
