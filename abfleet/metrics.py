@@ -117,13 +117,14 @@ class ServerMetrics:
         )
 
     def count_feedback(self, row: dict) -> None:
-        """Count one stored feedback row (store.record_feedback's) into the experiment's counters."""
+        """Count one stored feedback row (store.record_feedback's) into the experiment's counters;
+        a comment moves none of them."""
         v, mv = row["variant"], row["model_version"]
         if row["kind"] == "rating":
             self.ratings.labels(v, mv, str(int(row["feedback_value"]))).inc()
         elif row["kind"] == "quick":
             self.quick.labels(v, mv, row["feedback_type"]).inc()
-        else:
+        elif row["kind"] == "actual_price":
             # The APE is finite and capped (api.PriceBounds.ape): the three counters move together.
             ape = row["ape"]
             self.ape_count.labels(v, mv).inc()

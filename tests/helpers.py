@@ -13,14 +13,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
+from flask import Flask
 
 from abfleet import api, data, migrations, procs, router
+from abfleet.model import FastPredictor
 from abfleet.pgserver import family
 from abfleet.procs import free_port
+from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
+from abfleet.store import Store
+from inference.backend.app import create_app
+from inference.backend.parts import stop_background
 
-__all__ = ["ROOT", "OUTPUT_DIR", "free_port", "wait_for", "fleet_settings", "migrate", "start_model_server", "health",
-           "answering", "Load", "family"]
+__all__ = ["ROOT", "OUTPUT_DIR", "free_port", "wait_for", "fleet_settings", "migrate", "app_serving", "start_model_server",
+           "health", "answering", "router_in_front", "trained_stack", "FixedSamples", "Load", "family"]
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_DIR = ROOT / "test-output"
@@ -50,6 +56,19 @@ def migrate(settings: Settings) -> Settings:
     never creates them); returns the settings, for use in an expression."""
     migrations.upgrade(settings.db_url)
     return settings
+
+
+@contextlib.contextmanager
+def app_serving(settings: Settings, predictor: FastPredictor, version: str) -> Iterator[Flask]:
+    """The model server's Flask app holding `predictor` as `version`, over the settings' store
+    (migrated first), its first background database check done; its background threads
+    stopped and its spool flushed afterwards."""
+    store = Store(migrate(settings).db_url)
+    app = create_app(settings, holder=ModelHolder.fixed(settings, predictor, version), store=store)
+    app.extensions["abfleet"]["database"].check()
+    yield app
+    stop_background(app.extensions["abfleet"])
+    store.stop_spool()
 
 
 def start_model_server(settings: Settings, variant: str = "production", *, log: Path, metrics_dir: Path,
@@ -111,6 +130,57 @@ def answering(status: int, body: dict | None = None) -> Iterator[tuple[str, list
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def router_in_front(run_dir: Path, **settings) -> Iterator[tuple[str, list[dict]]]:
+    """nginx rendered from Settings(**settings), both variants on one recording upstream
+    (`answering` 200); yields the router's URL and the upstream's record."""
+    s = Settings(run_dir=run_dir, router_port=free_port(), **settings)
+    with answering(200, {"ok": True}) as (upstream, seen):
+        address = upstream.removeprefix("http://")
+        config = router.write_config(s, production_servers=[address], candidate_servers=[address])
+        log = run_dir / "logs" / "router.log"
+        proc = procs.start(router.nginx_command(s, config), {}, log)
+        try:
+            procs.wait_ready(proc, lambda: procs.answers_http(f"{s.router_url}/router/health"), name="nginx", log=log,
+                             timeout=30)
+            yield s.router_url, seen
+        finally:
+            procs.stop_child(proc)
+
+
+@contextlib.contextmanager
+def trained_stack(folder: Path, seed: int, params) -> Iterator[tuple[Settings, dict[str, str], Path]]:
+    """A local stack of its own under `folder` (reload_interval 1 s), with a production and a
+    candidate model fitted with `params` on 2,000 synthetic rows (`seed`), both servers serving
+    them; yields the settings, the versions by variant and the rows' CSV. Stopped afterwards."""
+    from abfleet import stack, train
+
+    settings = fleet_settings(folder / "run", reload_interval=1.0)
+    stack.up(settings, say=lambda _m: None)
+    try:
+        csv = folder / "rows.csv"
+        data.write_raw(data.synth(2000, seed=seed), csv)
+        versions = {"production": train.train(settings, csv, alias="production", params=params)["version"],
+                    "candidate": train.train(settings, csv, alias="candidate", params=params, seed=1)["version"]}
+        wait_for(lambda: all(health(settings.server_url(v)).get("model_version") == versions[v] for v in versions),
+                 60, what="both servers to load")
+        yield settings, versions, csv
+    finally:
+        stack.down(settings, say=lambda _m: None)
+
+
+class FixedSamples:
+    """Prometheus's raw samples API over fixed series: {selector: {labels: [(t, v), ...]}}."""
+
+    def __init__(self, series: dict):
+        self.series = series
+
+    def samples(self, selector, seconds, at):
+        return {key: [p for p in points if at - seconds < p[0] <= at]
+                for key, points in self.series[selector].items()
+                if any(at - seconds < p[0] <= at for p in points)}
 
 
 class Load:

@@ -9,11 +9,12 @@ from typing import TypedDict
 from flask import Flask, current_app
 
 from abfleet import api, data
+from abfleet.feedback import Feedback
 from abfleet.feedback_spool import FOLDER, FeedbackSpool
 from abfleet.metrics import FleetStateCollector, ServerMetrics
 from abfleet.readiness import DatabaseCheck
 from abfleet.reload_signal import ReloadSignal
-from abfleet.serving import Feedback, Loaded, ModelHolder, Predictions, RequestCounts
+from abfleet.serving import Loaded, ModelHolder, Predictions, RequestCounts
 from abfleet.settings import Settings
 from abfleet.store import Store
 

@@ -118,19 +118,7 @@ def record_feedback():
         response.headers["Retry-After"] = str(retry_after)
         return response, status
     if row is not None:
-        metrics = p["metrics"]
-        v, mv = row["variant"], row["model_version"]
-        if row["kind"] == "rating":
-            metrics.ratings.labels(v, mv, str(int(row["feedback_value"]))).inc()
-        elif row["kind"] == "quick":
-            metrics.quick.labels(v, mv, row["feedback_type"]).inc()
-        elif row["kind"] == "actual_price":
-            # The APE is finite and capped (api.PriceBounds.ape): the three counters move together.
-            ape = row["ape"]
-            square = ape * ape
-            metrics.ape_count.labels(v, mv).inc()
-            metrics.ape_sum.labels(v, mv).inc(ape)
-            metrics.ape_sum_sq.labels(v, mv).inc(square)
+        p["metrics"].count_feedback(row)  # as feedback resolved from the spool is counted
     return jsonify(body), status
 
 

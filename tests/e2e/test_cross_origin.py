@@ -8,26 +8,22 @@ and send the user's cookie along (`credentials: "include"`), as a page on anothe
 from __future__ import annotations
 
 import contextlib
-import functools
 import shutil
-import threading
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 
 from abfleet import api, stack
-from tests.e2e.test_frontend import CHROMIUM, LAUNCH_ARGS, estimate, wait_for
+from tests.e2e.chromium import FRONTEND, static_site
+from tests.e2e.test_frontend import estimate, wait_for
 from tests.helpers import wait_for as wait_until
 
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-FRONTEND = Path(__file__).resolve().parents[2] / "inference" / "frontend"
 
 
 def copy_page(into: Path, router_url: str) -> Path:
@@ -40,21 +36,6 @@ def copy_page(into: Path, router_url: str) -> Path:
         script = script.replace(old, new)
     (into / "app.js").write_text(script)
     return into
-
-
-@contextlib.contextmanager
-def serving(folder: Path) -> Iterator[str]:
-    """A loopback static server of `folder`; yields its origin."""
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *args: None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @contextlib.contextmanager
@@ -72,16 +53,6 @@ def router_allowing(fleet, origin: str) -> Iterator[None]:
     finally:
         stack.up(fleet.settings, only=("router",), say=lambda _m: None)
         wait_until(lambda: not answers_preflight(), 30, what="the router's allow-list to be restored")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip("chromium missing: run `apt-get install -y chromium` (make test does it when root)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
-        yield b
-        b.close()
 
 
 def open_copy(browser, origin: str):
@@ -107,7 +78,7 @@ def browser_fetch(page, url: str, payload: dict | None) -> str:
 
 def test_the_page_from_an_allowed_origin_works_and_another_is_blocked(fleet, browser, tmp_path):
     page_dir = copy_page(tmp_path / "page", fleet.router_url)
-    with serving(page_dir) as allowed, serving(page_dir) as other, router_allowing(fleet, allowed):
+    with static_site(page_dir) as allowed, static_site(page_dir) as other, router_allowing(fleet, allowed):
         context, page, console = open_copy(browser, allowed)
         try:
             with page.expect_response(lambda r: r.url.endswith(api.LOCATIONS)) as listed:

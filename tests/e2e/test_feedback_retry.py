@@ -5,47 +5,20 @@ routes, so each answer the page meets is the one the test chose."""
 
 from __future__ import annotations
 
-import functools
 import json
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
 from abfleet.api import FEEDBACK, LOCATIONS, PREDICT
-from tests.e2e.test_frontend import CHROMIUM, LAUNCH_ARGS
+from tests.e2e.chromium import FRONTEND, static_site
 
-FRONTEND = Path(__file__).resolve().parents[2] / "inference" / "frontend"
 PID = "ab" * 16
-
-
-class Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")
 def site():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(FRONTEND)))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip("chromium missing: run `apt-get install -y chromium` (make test does it when root)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
-        yield b
-        b.close()
+    with static_site(FRONTEND) as origin:
+        yield origin
 
 
 def open_with_feedback_answers(browser, site: str, answers: list[tuple[int, dict, dict]]):

@@ -13,11 +13,9 @@ from pathlib import Path
 import pytest
 
 from abfleet.api import FEEDBACK, LOCATIONS, PREDICT
+from tests.e2e.chromium import FRONTEND
 
-CHROMIUM = "/usr/bin/chromium"
-APP_JS = Path(__file__).resolve().parents[2] / "inference" / "frontend" / "app.js"
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", "--no-first-run", "--disable-quic"]
+APP_JS = FRONTEND / "app.js"
 
 
 # ---------------------------------------------------------------- helpers
@@ -137,17 +135,6 @@ def wait_for(fn, timeout=5.0):
 
 
 # ---------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip("chromium missing: run `apt-get install -y chromium` (make test does it when root)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
-        yield b
-        b.close()
-
 
 @pytest.fixture
 def context(browser):

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from abfleet import api, data, evaluation, model, registry, stack, train
+from abfleet import api, evaluation, model, registry, train
 from abfleet.store import Store
-from tests.helpers import fleet_settings, health, wait_for
+from tests.helpers import health, trained_stack, wait_for
 
 pytestmark = pytest.mark.slow
 SMALL = model.ModelParams(max_iter=30)  # versions here only need to exist and load, not to be good
@@ -22,18 +22,8 @@ SMALL = model.ModelParams(max_iter=30)  # versions here only need to exist and l
 @pytest.fixture(scope="module")
 def actions(tmp_path_factory):
     folder = tmp_path_factory.mktemp("actions")
-    settings = fleet_settings(folder / "run", reload_interval=1.0)
-    stack.up(settings, say=lambda _m: None)
-    try:
-        csv = folder / "rows.csv"
-        data.write_raw(data.synth(2000, seed=5), csv)
-        prod = train.train(settings, csv, alias="production", params=SMALL)["version"]
-        cand = train.train(settings, csv, alias="candidate", params=SMALL, seed=1)["version"]
-        wait_for(lambda: serving(settings, "production") == prod and serving(settings, "candidate") == cand, 60,
-                 what="both servers to load")
-        yield settings, {"production": prod, "candidate": cand}, csv, folder
-    finally:
-        stack.down(settings, say=lambda _m: None)
+    with trained_stack(folder, 5, SMALL) as (settings, versions, csv):
+        yield settings, versions, csv, folder
 
 
 def serving(settings, variant: str) -> str | None:

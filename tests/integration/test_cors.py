@@ -6,16 +6,14 @@ no CORS header at all."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from abfleet import api, procs
+from abfleet import api
 from abfleet import router as routing
-from abfleet.settings import Settings
-from tests.helpers import answering, free_port
+from tests.helpers import router_in_front
 
 pytestmark = pytest.mark.slow
 
@@ -25,22 +23,10 @@ CORS = ("Access-Control-Allow-Origin", "Access-Control-Allow-Credentials", "Acce
         "Access-Control-Allow-Headers", "Access-Control-Expose-Headers", "Access-Control-Max-Age")
 
 
-@contextlib.contextmanager
-def router(run_dir: Path, **settings) -> Iterator[tuple[str, list[dict]]]:
+def router(run_dir: Path, **settings) -> contextlib.AbstractContextManager[tuple[str, list[dict]]]:
     """nginx rendered from these settings (one-address limits unless given), both variants on a
     recording upstream; yields the router's URL and what reached the upstream."""
-    s = Settings(run_dir=run_dir, router_port=free_port(), **{**routing.ONE_ADDRESS_LIMITS, **settings})
-    with answering(200, {"ok": True}) as (upstream, seen):
-        address = upstream.removeprefix("http://")
-        config = routing.write_config(s, production_servers=[address], candidate_servers=[address])
-        log = run_dir / "logs" / "router.log"
-        proc = procs.start(routing.nginx_command(s, config), {}, log)
-        try:
-            procs.wait_ready(proc, lambda: procs.answers_http(f"{s.router_url}/router/health"), name="nginx", log=log,
-                             timeout=30)
-            yield s.router_url, seen
-        finally:
-            procs.stop_child(proc)
+    return router_in_front(run_dir, **{**routing.ONE_ADDRESS_LIMITS, **settings})
 
 
 def preflight(url: str, path: str, origin: str) -> requests.Response:

@@ -168,7 +168,7 @@ def test_a_stopped_database_loses_no_prediction(fleet, tmp_path):
 
 
 def test_a_statement_timeout_answers_feedback_with_a_503(tmp_path):
-    from abfleet.serving import Feedback
+    from abfleet.feedback import Feedback
     from abfleet.settings import Settings
     from abfleet.store import Store
 

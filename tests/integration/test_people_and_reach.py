@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from abfleet import data, model, procs, registry, stack, train
+from abfleet import data, model, procs, registry, stack
 from abfleet.api import FEEDBACK, PREDICT, acceptable_rows
 from abfleet.decision import ROLLBACK, DecisionPolicy, decide
-from tests.helpers import Load, fleet_settings, health, wait_for
+from tests.helpers import Load, trained_stack, wait_for
 
 pytestmark = pytest.mark.slow
 SMALL = model.ModelParams(max_iter=30)
@@ -30,20 +30,9 @@ FLOODERS, FLOOD = 5, 80
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("people")
-    settings = fleet_settings(folder / "run", reload_interval=1.0)
-    stack.up(settings, say=lambda _m: None)
-    try:
-        csv = folder / "rows.csv"
-        data.write_raw(data.synth(2000, seed=8), csv)
-        versions = {"production": train.train(settings, csv, alias="production", params=SMALL)["version"],
-                    "candidate": train.train(settings, csv, alias="candidate", params=SMALL, seed=1)["version"]}
-        wait_for(lambda: all(health(settings.server_url(v)).get("model_version") == versions[v] for v in versions),
-                 60, what="both servers to load")
+    with trained_stack(tmp_path_factory.mktemp("people"), 8, SMALL) as (settings, versions, _csv):
         rows = acceptable_rows(data.clean(data.synth(1500, seed=9)).frame, data.known_locations()).to_dict("records")
         yield settings, versions, rows
-    finally:
-        stack.down(settings, say=lambda _m: None)
 
 
 def predict(settings, row: dict, user: str) -> requests.Response:

@@ -7,43 +7,21 @@ page carry their security flags and headers."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
 
-from abfleet import api, procs, router
+from abfleet import api, router
 from abfleet import fleet as fleet_actions
-from abfleet.settings import Settings
-from tests.helpers import answering, free_port
+from tests.helpers import router_in_front
 
 pytestmark = pytest.mark.slow
 
 FLAT = {"location": "Whitefield", "total_sqft": 1200, "bhk": 2, "bath": 2}
 RATING = {"prediction_id": "p-1", "feedback_type": "rating", "feedback_value": 4}
-
-
-@contextlib.contextmanager
-def router_in_front(run_dir: Path, **limits) -> Iterator[tuple[str, list[dict]]]:
-    """nginx rendered from Settings(**limits), both variants on one recording upstream;
-    yields the router's URL and the upstream's record."""
-    settings = Settings(run_dir=run_dir, router_port=free_port(), **limits)
-    with answering(200, {"ok": True}) as (upstream, seen):
-        address = upstream.removeprefix("http://")
-        config = router.write_config(settings, production_servers=[address], candidate_servers=[address])
-        log = run_dir / "logs" / "router.log"
-        proc = procs.start(router.nginx_command(settings, config), {}, log)
-        try:
-            procs.wait_ready(proc, lambda: procs.answers_http(f"{settings.router_url}/router/health"),
-                             name="nginx", log=log, timeout=30)
-            yield settings.router_url, seen
-        finally:
-            procs.stop_child(proc)
 
 
 def refusal(r: requests.Response) -> None:

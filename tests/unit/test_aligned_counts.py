@@ -6,18 +6,7 @@ from __future__ import annotations
 import pytest
 
 from abfleet.prometheus import common_instant, growth_between, value_at
-
-
-class Samples:
-    """Prometheus's raw samples API over fixed series: {selector: {labels: [(t, v), ...]}}."""
-
-    def __init__(self, series: dict):
-        self.series = series
-
-    def samples(self, selector, seconds, at):
-        return {key: [p for p in points if at - seconds < p[0] <= at]
-                for key, points in self.series[selector].items()
-                if any(at - seconds < p[0] <= at for p in points)}
+from tests.helpers import FixedSamples as Samples
 
 
 def test_value_between_scrapes_is_interpolated_and_zero_before_birth():

@@ -13,8 +13,7 @@ from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
 from abfleet.store import Store
 from inference.backend.app import create_app
-from inference.backend.parts import stop_background
-from tests.helpers import migrate
+from tests.helpers import app_serving, migrate
 
 
 @pytest.fixture
@@ -24,13 +23,8 @@ def predictor(tiny_predictor):
 
 @pytest.fixture
 def app(tmp_path, predictor):
-    settings = Settings(run_dir=tmp_path, variant="candidate", admin_token="secret")
-    store = Store(migrate(settings).db_url)
-    app = create_app(settings, holder=ModelHolder.fixed(settings, predictor, "7"), store=store)
-    app.extensions["abfleet"]["database"].check()  # the first background ping, done before the test
-    yield app
-    stop_background(app.extensions["abfleet"])
-    store.stop_spool()
+    with app_serving(Settings(run_dir=tmp_path, variant="candidate", admin_token="secret"), predictor, "7") as app:
+        yield app
 
 
 @pytest.fixture

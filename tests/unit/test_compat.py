@@ -11,25 +11,17 @@ import sqlalchemy as sa
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from abfleet import api, router, summary
-from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
 from abfleet.store import Store, feedback, predictions
-from inference.backend.app import create_app
-from inference.backend.parts import stop_background
-from tests.helpers import migrate
+from tests.helpers import app_serving, migrate
 
 USER = {"X-User-Id": "compat-user"}
 
 
 @pytest.fixture
 def app(tmp_path, tiny_predictor):
-    settings = Settings(run_dir=tmp_path, variant="production")
-    store = Store(migrate(settings).db_url)
-    app = create_app(settings, holder=ModelHolder.fixed(settings, tiny_predictor, "5"), store=store)
-    app.extensions["abfleet"]["database"].check()
-    yield app
-    stop_background(app.extensions["abfleet"])
-    store.stop_spool()
+    with app_serving(Settings(run_dir=tmp_path, variant="production"), tiny_predictor, "5") as app:
+        yield app
 
 
 @pytest.fixture

@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from abfleet.feedback import Feedback
 from abfleet.feedback_spool import FeedbackSpool, FeedbackSpoolFull, PendingFeedback, read_pending
+from abfleet.metrics import APE_COUNT, ServerMetrics
 from abfleet.procs import free_port
-from abfleet.serving import Feedback
 from abfleet.settings import Settings
 from abfleet.store import Store
 
@@ -174,3 +176,17 @@ def test_without_a_spool_a_fault_is_a_503(tmp_path, stores):
     answer = Feedback(down, Settings(run_dir=tmp_path)).record(body(PID, "rating", 3), "u1")
     assert answer.status == 503 and answer.failure == "store" and answer.retry_after
     assert not Path(tmp_path / "spool" / "feedback").exists()
+
+
+def test_a_spooled_comment_is_stored_and_counted_as_nothing(tmp_path, stores):
+    # A comment carries text alone: counted from the spool, as from a live 201, it moves no
+    # experiment counter (no APE: it is not an actual price).
+    _down, up = stores
+    metrics = ServerMetrics(CollectorRegistry())
+    feedback = Feedback(up, Settings(run_dir=tmp_path), on_stored=metrics.count_feedback)
+    comment = PendingFeedback.now(PID, "comment", None, "u1", "production", "the garden is smaller")
+    price = PendingFeedback.now(PID, "actual_price", 55.0, "u1", "production")
+    assert feedback.resolve(comment) == "stored" and feedback.resolve(price) == "stored"
+    assert [r["feedback_text"] for r in up.feedback_for(PID) if r["kind"] == "comment"] == ["the garden is smaller"]
+    labels = {"variant": "production", "model_version": "3"}
+    assert metrics.registry.get_sample_value(APE_COUNT, labels) == 1.0  # the price alone

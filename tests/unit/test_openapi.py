@@ -9,12 +9,8 @@ import pytest
 import schemathesis
 
 from abfleet import api, openapi
-from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
-from abfleet.store import Store
-from inference.backend.app import create_app
-from inference.backend.parts import stop_background
-from tests.helpers import migrate
+from tests.helpers import app_serving
 
 DOC = openapi.document()
 INTERNAL = {api.LIVE, api.READY, api.RELOAD, api.METRICS}  # the servers' own checks: the router answers 404
@@ -22,13 +18,8 @@ INTERNAL = {api.LIVE, api.READY, api.RELOAD, api.METRICS}  # the servers' own ch
 
 @pytest.fixture
 def app(tmp_path, tiny_predictor):
-    settings = Settings(run_dir=tmp_path, variant="production")
-    store = Store(migrate(settings).db_url)
-    app = create_app(settings, holder=ModelHolder.fixed(settings, tiny_predictor, "2"), store=store)
-    app.extensions["abfleet"]["database"].check()
-    yield app
-    stop_background(app.extensions["abfleet"])
-    store.stop_spool()
+    with app_serving(Settings(run_dir=tmp_path, variant="production"), tiny_predictor, "2") as app:
+        yield app
 
 
 def test_it_is_openapi_3_1_that_schemathesis_loads():

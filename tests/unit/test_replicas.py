@@ -14,10 +14,11 @@ import pytest
 import yaml
 
 from abfleet import cli, fleet, monitoring, prometheus, router, stack
+from abfleet.feedback import Feedback
 from abfleet.reload_signal import ReloadSignal
-from abfleet.serving import Feedback, ModelHolder
+from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
-from tests.helpers import answering, fleet_settings, free_port, wait_for
+from tests.helpers import FixedSamples, answering, fleet_settings, free_port, wait_for
 
 PG = "postgresql://u@127.0.0.1:1/db"
 
@@ -172,23 +173,11 @@ def test_feedback_waits_for_a_prediction_still_in_another_replicas_spool():
 
 # ---- the evaluation and a replica that stopped being scraped ----------------------------
 
-class Series:
-    """Prometheus's raw samples API over fixed series: {selector: {labels: [(t, v), ...]}}."""
-
-    def __init__(self, series: dict):
-        self.series = series
-
-    def samples(self, selector, seconds, at):
-        return {key: [p for p in points if at - seconds < p[0] <= at]
-                for key, points in self.series[selector].items()
-                if any(at - seconds < p[0] <= at for p in points)}
-
-
 def test_a_dead_replica_neither_holds_the_instant_back_nor_loses_its_requests():
     # Replica a answers 40/s and is killed at t=1200 (last scrape 1196); b keeps going.
     a = [(float(t), (t - 1000) * 40.0) for t in range(1001, 1200, 5)]
     b = [(float(t), (t - 1000) * 40.0) for t in range(1003, 2000, 5)]
-    prom = Series({"c": {(("instance", "a"),): a, (("instance", "b"),): b}})
+    prom = FixedSamples({"c": {(("instance", "a"),): a, (("instance", "b"),): b}})
     end = prometheus.common_instant(prom, ["c"], now=2000.0)
     assert end == 1998.0  # b's last scrape, not a's from 13 minutes before
     with_a = prometheus.growth_between(prom, "c", 1000.0, end, whole_window=True)
