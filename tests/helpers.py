@@ -164,11 +164,27 @@ def trained_stack(folder: Path, seed: int, params) -> Iterator[tuple[Settings, d
         data.write_raw(data.synth(2000, seed=seed), csv)
         versions = {"production": train.train(settings, csv, alias="production", params=params)["version"],
                     "candidate": train.train(settings, csv, alias="candidate", params=params, seed=1)["version"]}
-        wait_for(lambda: all(health(settings.server_url(v)).get("model_version") == versions[v] for v in versions),
-                 60, what="both servers to load")
+        # /api/health answers from one worker: wait until every worker of both servers holds its
+        # model, or an early request may meet a worker still on production's fallback.
+        wait_for(lambda: all(workers_serving(settings, v, versions[v]) == settings.workers for v in versions),
+                 60, what="every worker of both servers to load its model")
         yield settings, versions, csv
     finally:
         stack.down(settings, say=lambda _m: None)
+
+
+def workers_serving(settings: Settings, variant: str, version: str) -> int:
+    """How many workers of `variant`'s server hold `version` as its own model (not a fallback),
+    from abfleet_model_info on its /metrics (one series per live worker)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = requests.get(f"{settings.server_url(variant)}{api.METRICS}", timeout=5).text
+    except requests.RequestException:
+        return 0
+    return sum(1 for family in text_string_to_metric_families(text) if family.name == "abfleet_model_info"
+               for sample in family.samples if sample.value == 1 and sample.labels.get("model_version") == version
+               and sample.labels.get("fallback") == "false")
 
 
 class FixedSamples:
