@@ -172,6 +172,17 @@ def prepare(settings: Settings, candidate_weight: int) -> None:
     fleet.set_candidate_weight(settings, candidate_weight)
 
 
+def chosen(settings: Settings, only: tuple[str, ...] | None = None, with_airflow: bool = False) -> list[Service]:
+    """The services `up` starts: all but the optional ones, or `only` those named; a variant's
+    name stands for all its replicas. Airflow only when named or `with_airflow`."""
+    wanted = set(only) if only is not None else {s.name for s in services(settings)} - set(OPTIONAL)
+    if with_airflow:
+        wanted.add("airflow")
+    # Airflow's environment carries the fleet's settings, VARIANT included: not a replica.
+    return [svc for svc in services(settings) if svc.name in wanted
+            or (svc.name not in OPTIONAL and svc.env.get("VARIANT") in wanted)]
+
+
 def up(settings: Settings, *, candidate_weight: int | None = None, only: tuple[str, ...] | None = None,
        with_airflow: bool = False, say: Callable[[str], None] = print) -> dict:
     """Start whatever is not running yet (all services, or `only` those named); return the status.
@@ -183,11 +194,7 @@ def up(settings: Settings, *, candidate_weight: int | None = None, only: tuple[s
     check_replicas(settings)
     say(f"  store       {migrations.upgrade(settings.db_url).describe()}")
     weight = current_weight(settings) if candidate_weight is None else candidate_weight
-    wanted = set(only) if only is not None else {s.name for s in services(settings)} - set(OPTIONAL)
-    if with_airflow:
-        wanted.add("airflow")
-    # A variant's name stands for all its replicas.
-    todo = [svc for svc in services(settings) if svc.name in wanted or svc.env.get("VARIANT") in wanted]
+    todo = chosen(settings, only, with_airflow)
     for svc in todo:
         if svc.command[0].endswith("-missing"):
             tool = svc.command[0].removesuffix("-missing")

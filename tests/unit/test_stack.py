@@ -33,3 +33,11 @@ def test_missing_nginx_says_how_to_install_it(tmp_path, monkeypatch):
 
 def test_down_with_nothing_running_stops_nothing(tmp_path):
     assert stack.down(fleet_settings(tmp_path / "run"), say=lambda _m: None) == []
+
+
+def test_a_variant_named_alone_starts_its_replicas_and_not_airflow(tmp_path):
+    settings = fleet_settings(tmp_path / "run", replicas=2)
+    names = [svc.name for svc in stack.chosen(settings, only=("production", "prometheus"))]
+    assert names == ["production-1", "production-2", "prometheus"]
+    assert "airflow" not in [svc.name for svc in stack.chosen(settings)]
+    assert "airflow" in [svc.name for svc in stack.chosen(settings, only=("mlflow",), with_airflow=True)]
