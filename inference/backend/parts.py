@@ -10,7 +10,8 @@ from flask import Flask, current_app
 
 from abfleet import api, data
 from abfleet.feedback_spool import FOLDER, FeedbackSpool
-from abfleet.metrics import FleetStateCollector, ServerMetrics
+from abfleet.fleet_state import FleetStateCollector
+from abfleet.metrics import ServerMetrics
 from abfleet.readiness import DatabaseCheck
 from abfleet.reload_signal import ReloadSignal
 from abfleet.serving import Feedback, Loaded, ModelHolder, Predictions, RequestCounts
@@ -30,7 +31,7 @@ class Parts(TypedDict):
     counts: RequestCounts
     predictions: Predictions
     feedback: Feedback
-    fleet_registry: object  # a prometheus CollectorRegistry of the fleet's state (production exports it)
+    fleet_registry: object  # a prometheus CollectorRegistry of the fleet's state (one production replica exports it)
     database: DatabaseCheck
     fleet_state: FleetStateCollector
     reload_signal: ReloadSignal | None  # how a reload call reaches this server's other workers
@@ -94,9 +95,9 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
                              deadline=settings.db_connect_timeout_s + settings.db_statement_timeout_s)
     database.start()
     fleet_state = FleetStateCollector(store, fallback_weight=settings.candidate_weight,
-                                      errors=metrics.store_errors.labels("metrics"))
-    if variant == "production":  # only production exports the fleet's state
-        fleet_state.start(settings.db_check_interval_s)
+                                      errors=metrics.store_errors.labels("metrics"), interval=settings.db_check_interval_s)
+    if variant == "production":  # the production replica that holds the lease exports the fleet's state
+        fleet_state.start()
     fleet_registry = CollectorRegistry()
     fleet_registry.register(fleet_state)
     parts = Parts(settings=settings, holder=holder, store=store, metrics=metrics,

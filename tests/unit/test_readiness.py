@@ -10,7 +10,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from abfleet.api import DRIFT_REPORT, FEEDBACK, FLAT, HEALTH, LIVE, METRICS, PREDICT, READY
-from abfleet.metrics import DECISIONS, FleetStateCollector, ServerMetrics
+from abfleet.fleet_state import FleetStateCollector
+from abfleet.metrics import DECISIONS, ServerMetrics
 from abfleet.readiness import DatabaseCheck
 from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
