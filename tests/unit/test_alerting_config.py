@@ -132,6 +132,7 @@ VARIANT_DOWN = _alert("AbfleetVariantDown", severity="critical", fleet_variant="
 STORE_ERRORS = _alert("AbfleetStoreErrors", severity="warning", fleet_variant="production", instance="a:8000",
                       operation="insert")
 PAGE = _alert("AbfleetAvailabilityBudgetBurn", severity="critical", variant="candidate", long_window="1h")
+GUARDRAIL = _alert("AbfleetCandidateGuardrail", severity="critical", guardrail="error_ratio", model_version="7")
 INHIBITION = [
     # (firing source, target, muted)
     (VARIANT_DOWN, _alert("AbfleetTargetDown", severity="critical", fleet_variant="candidate", instance="b:8000"), True),
@@ -158,6 +159,12 @@ INHIBITION = [
     (PAGE, _alert("AbfleetAvailabilityBudgetBurn", severity="warning", variant="production", long_window="1d"), False),
     (PAGE, _alert("AbfleetAvailabilityBudgetBurn", severity="critical", variant="production", long_window="6h"),
      False),
+    (GUARDRAIL, PAGE, True),
+    (GUARDRAIL, _alert("AbfleetAvailabilityBudgetBurn", severity="warning", variant="candidate", long_window="1d"), True),
+    (GUARDRAIL, _alert("AbfleetAvailabilityBudgetBurn", severity="critical", variant="production", long_window="1h"),
+     False),
+    (GUARDRAIL, _alert("AbfleetLatencyBudgetBurn", severity="critical", variant="candidate", long_window="1h"), False),
+    (_alert("AbfleetCandidateGuardrail", severity="warning", guardrail="latency_p95"), PAGE, False),
 ]
 
 
