@@ -1,7 +1,8 @@
 """The fleet's state as metrics, exported by exactly one model server whatever the replicas.
 
 What the pipeline knows lives in the store (the decisions, the latest drift summary, the
-router's weight); a production server exports it on /metrics (`FleetStateCollector`). With
+router's weight), and the registry says which version each alias points at; a production
+server exports both on /metrics (`FleetStateCollector`). With
 several production replicas, each would export the same series and every panel and alert
 would count a decision N times. So the replicas elect one exporter through a lease in the
 store (the `fleet_state` row `metrics_exporter`: {"owner", "until"}):
@@ -31,6 +32,7 @@ import os
 import socket
 import threading
 import time
+from typing import Callable
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -94,12 +96,16 @@ class FleetStateCollector:
     long as this replica's lease runs."""
 
     def __init__(self, store, fallback_weight: int | None = None, errors=None, *, owner: str | None = None,
-                 interval: float = 5.0):
+                 interval: float = 5.0, aliases: Callable[[], dict] | None = None, aliases_every: float = 15.0):
         self.store = store
         self.fallback_weight = fallback_weight
         self.errors = errors  # a counter child to .inc() on each failed read, or None
         self.owner = owner or replica_id()
         self.interval = interval
+        # The registry's alias → version (registry.aliases), read by the owner every `aliases_every`
+        # seconds on a thread of its own: a registry that hangs never holds up the lease.
+        self.aliases, self.aliases_every = aliases, aliases_every
+        self._aliases: dict | None = None  # None: not read, or the registry did not answer
         self._families: list | None = None  # None until the first read succeeded
         self._until = 0.0  # when this replica's lease ends, as last renewed (0: not the owner)
         self._stop = threading.Event()
@@ -122,28 +128,48 @@ class FleetStateCollector:
                 self.errors.inc()
             return False
         try:
-            self._families = list(fleet_families(counts, latest[0] if latest else None, weight, drift))
+            self._families = list(fleet_families(counts, latest[0] if latest else None, weight, drift, self._aliases))
         except Exception:  # a row this code cannot read: keep the last values, and the thread alive
             log.exception("fleet state not exported")
         self._until = float(lease["until"])
         return True
 
-    def start(self) -> threading.Thread:
-        """Refresh now and then every `interval` seconds on a daemon thread, until `stop()`."""
+    def refresh_aliases(self) -> None:
+        """Read the registry's aliases once (exported from the next `refresh` on)."""
+        if self.aliases is None:
+            return
+        try:
+            self._aliases = self.aliases()
+        except Exception as exc:  # the registry down: what it says is unknown, not what it said before
+            log.warning("registry aliases not read: %s", exc)
+            self._aliases = None
+
+    def owns(self) -> bool:
+        return self._until >= time.time()
+
+    def start(self) -> None:
+        """Refresh now and then every `interval` seconds on a daemon thread, and (as the owner)
+        read the registry's aliases every `aliases_every` seconds on another, until `stop()`."""
         def loop() -> None:
             while not self._stop.is_set():
                 self.refresh()
                 self._stop.wait(self.interval)
 
-        thread = threading.Thread(target=loop, name="fleet-state", daemon=True)
-        thread.start()
-        return thread
+        def aliases_loop() -> None:
+            while not self._stop.is_set():
+                if self.owns():
+                    self.refresh_aliases()
+                self._stop.wait(self.aliases_every if self._aliases is not None else min(self.interval, self.aliases_every))
+
+        threading.Thread(target=loop, name="fleet-state", daemon=True).start()
+        if self.aliases is not None:
+            threading.Thread(target=aliases_loop, name="fleet-aliases", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
 
     def collect(self):
-        if self._until < time.time():  # not the owner, or a lease it could not renew
+        if not self.owns():  # not the owner, or a lease it could not renew
             return iter(())
         return iter(self._families or ())
 
@@ -155,13 +181,21 @@ def _timestamp(iso: str | None) -> float | None:
         return None
 
 
-def fleet_families(counts: dict, latest: dict | None, weight, drift):
+def fleet_families(counts: dict, latest: dict | None, weight, drift, aliases: dict | None = None):
     """The metric families of the fleet's state: `counts` of decisions by kind, the `latest`
-    decision row (Store.decision_history's), the router's `weight`, the `drift` summary."""
+    decision row (Store.decision_history's), the router's `weight`, the `drift` summary, the
+    registry's `aliases` (alias → version or None)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     if weight is not None:
         yield GaugeMetricFamily(m.ROUTER_CANDIDATE_WEIGHT, "Percent of users the router sends to the candidate", value=float(weight))
+    if aliases is not None:
+        info = GaugeMetricFamily(m.REGISTRY_ALIAS, "The version each registry alias points at (1)",
+                                 labels=["alias", "model_version"])
+        for alias, version in sorted(aliases.items()):
+            if version:
+                info.add_metric([alias, str(version)], 1.0)
+        yield info
     decisions = CounterMetricFamily(m.DECISIONS.removesuffix("_total"), "Evaluation decisions", labels=["decision"])
     for decision in OUTCOMES:
         decisions.add_metric([decision], float(counts.get(decision, 0)))

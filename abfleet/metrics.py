@@ -30,6 +30,14 @@ FEEDBACK_PENDING = "abfleet_feedback_pending"  # gauge (live sum over workers): 
 FEEDBACK_PENDING_RESOLVED = "abfleet_feedback_pending_resolved_total"  # counter; labels: outcome (stored, duplicate, refused, expired)
 READY = "abfleet_ready"  # gauge (live min over workers): 1 when the server would pass /api/ready
 
+# Saturation (abfleet.saturation): how much of a server's capacity is in use.
+REQUESTS_IN_FLIGHT = "abfleet_requests_in_flight"  # gauge (live sum over workers): requests being handled
+WORKER_THREADS = "abfleet_worker_threads"  # gauge (live sum over workers): threads that handle requests
+PROCESS_CPU = "abfleet_process_cpu_seconds_total"  # counter; labels: role (master, worker), pid
+PROCESS_RSS = "abfleet_process_resident_memory_bytes"  # gauge; labels: role, pid
+DB_CONNECTIONS_CHECKED_OUT = "abfleet_db_connections_checked_out"  # gauge (live sum): connections in use
+DB_POOL_SIZE = "abfleet_db_pool_size"  # gauge (live sum): connections the workers' pools keep open
+
 # Pipeline-side facts (drift, decisions, the experiment, the router's weight): read from the
 # store and exported by the one production replica that holds the exporter lease
 # (abfleet.fleet_state), so each series exists once per fleet whatever the replicas.
@@ -48,6 +56,7 @@ EXPERIMENT_SAMPLES = "abfleet_experiment_samples"  # labels: variant, measure (r
 EXPERIMENT_MIN_SAMPLES = "abfleet_experiment_min_samples"  # labels: measure
 SRM_P_VALUE = "abfleet_srm_p_value"  # the split's chi-square test at the last decision
 ROUTER_CANDIDATE_WEIGHT = "abfleet_router_candidate_weight"  # percent of users sent to the candidate
+REGISTRY_ALIAS = "abfleet_registry_alias_info"  # 1; labels: alias, model_version (what the registry says)
 
 # Whole-request latency buckets: fine where the hot path lives, coarse in the tail.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -114,6 +123,13 @@ class ServerMetrics:
                                                  registry=registry)
         self.ready = Gauge(READY, "1 when the server is ready (model loaded)", multiprocess_mode="livemin",
                            registry=registry)
+        self.in_flight = Gauge(REQUESTS_IN_FLIGHT, "Requests being handled", multiprocess_mode="livesum",
+                               registry=registry)
+        self.threads = Gauge(WORKER_THREADS, "Threads that handle requests", multiprocess_mode="livesum", registry=registry)
+        self.db_checked_out = Gauge(DB_CONNECTIONS_CHECKED_OUT, "Database connections in use",
+                                    multiprocess_mode="livesum", registry=registry)
+        self.db_pool_size = Gauge(DB_POOL_SIZE, "Database connections the pools keep open", multiprocess_mode="livesum",
+                                  registry=registry)
         self.failovers = Counter(
             _strip_total(FAILOVERS), "Requests meant for the other variant, answered here",
             ["intended", "variant", "endpoint"], registry=registry,

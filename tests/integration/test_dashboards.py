@@ -43,6 +43,7 @@ PIPELINE_METRICS = frozenset({
     "abfleet_experiment_samples",
     "abfleet_experiment_min_samples",
     "abfleet_srm_p_value",
+    "abfleet_registry_alias_info",
 })
 
 # Counted per operation / reason when a fault happens: no series on a healthy fleet.

@@ -135,3 +135,28 @@ def test_the_last_decision_and_the_experiment_are_exported(tmp_path):
     assert values(m.EXPERIMENT_MIN_SAMPLES) == {(("measure", "requests"),): 50.0, (("measure", "ratings"),): 10.0}
     assert values(m.SRM_P_VALUE) == {(): 0.42}
     assert values(m.DRIFT_CHECKED) == {(): 1772431200.0}
+
+
+def test_the_registry_aliases_are_exported_and_unknown_while_the_registry_fails(tmp_path):
+    from abfleet import metrics as m
+
+    answers = iter([{"production": "3", "candidate": "7"}, RuntimeError("registry down"), {"production": "7", "candidate": None}])
+
+    def aliases():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    with open_store(Settings(run_dir=tmp_path)) as store:
+        collector = FleetStateCollector(store, aliases=aliases)
+
+        def exported():
+            collector.refresh_aliases()  # what the collector's own thread does every aliases_every
+            assert collector.refresh()
+            return {tuple(sorted(s.labels.items())) for f in collector.collect() if f.name == m.REGISTRY_ALIAS
+                    for s in f.samples}
+
+        assert exported() == {(("alias", "candidate"), ("model_version", "7")), (("alias", "production"), ("model_version", "3"))}
+        assert exported() == set()  # the registry did not answer: no claim about it
+        assert exported() == {(("alias", "production"), ("model_version", "7"))}  # no @candidate after a promotion
