@@ -30,6 +30,8 @@ FEEDBACK_PENDING = "abfleet_feedback_pending"  # gauge (live sum over workers): 
 FEEDBACK_PENDING_RESOLVED = "abfleet_feedback_pending_resolved_total"  # counter; labels: outcome (stored, duplicate, refused, expired)
 READY = "abfleet_ready"  # gauge (live min over workers): 1 when the server would pass /api/ready
 
+REPLICAS_EXPECTED = "abfleet_replicas_expected"  # gauge: servers its variant should have (ABFLEET_REPLICAS)
+
 # Saturation (abfleet.saturation): how much of a server's capacity is in use.
 REQUESTS_IN_FLIGHT = "abfleet_requests_in_flight"  # gauge (live sum over workers): requests being handled
 WORKER_THREADS = "abfleet_worker_threads"  # gauge (live sum over workers): threads that handle requests
@@ -123,6 +125,8 @@ class ServerMetrics:
                                                  registry=registry)
         self.ready = Gauge(READY, "1 when the server is ready (model loaded)", multiprocess_mode="livemin",
                            registry=registry)
+        self.replicas_expected = Gauge(REPLICAS_EXPECTED, "Servers this server's variant should have",
+                                       multiprocess_mode="livemax", registry=registry)
         self.in_flight = Gauge(REQUESTS_IN_FLIGHT, "Requests being handled", multiprocess_mode="livesum",
                                registry=registry)
         self.threads = Gauge(WORKER_THREADS, "Threads that handle requests", multiprocess_mode="livesum", registry=registry)

@@ -51,6 +51,7 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
     metrics = ServerMetrics(CollectorRegistry())
     store = store or Store.from_settings(settings)  # the spool folder readers look in too
     metrics.threads.set(settings.threads)  # summed over the live workers: the server's capacity
+    metrics.replicas_expected.set(settings.replicas)  # AbfleetReplicasMissing compares the healthy ones with it
     count_pool(store.engine, metrics.db_checked_out, metrics.db_pool_size)
 
     def on_backlog(rows: int, nbytes: int) -> None:  # after every flush, from the spool's thread

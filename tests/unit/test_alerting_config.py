@@ -137,6 +137,11 @@ INHIBITION = [
     # (firing source, target, muted)
     (VARIANT_DOWN, _alert("AbfleetTargetDown", severity="critical", fleet_variant="candidate", instance="b:8000"), True),
     (VARIANT_DOWN, _alert("AbfleetCandidateNotReady", severity="warning", fleet_variant="candidate"), True),
+    (VARIANT_DOWN, _alert("AbfleetReplicasMissing", severity="critical", fleet_variant="candidate"), True),
+    (_alert("AbfleetTargetDown", severity="critical", fleet_variant="production", instance="b:8000"),
+     _alert("AbfleetReplicasMissing", severity="critical", fleet_variant="production"), True),
+    (_alert("AbfleetTargetDown", severity="critical", fleet_variant="production", instance="b:8000"),
+     _alert("AbfleetReplicasMissing", severity="critical", fleet_variant="candidate"), False),
     (VARIANT_DOWN, _alert("AbfleetCandidateNoTraffic", severity="warning", model_version="7"), True),
     (VARIANT_DOWN, _alert("AbfleetSampleRatioMismatch", severity="warning"), True),
     (VARIANT_DOWN, _alert("AbfleetTargetDown", severity="critical", fleet_variant="production"), False),
