@@ -97,6 +97,7 @@ def test_the_watchdog_is_repeated_often_and_pages_are_not_held_back():
     assert routes["deadmans-switch"]["repeat_interval"] == "1m"
     assert routes["deadmans-switch"]["group_interval"] == "1m"
     assert routes["page"]["group_wait"] == "10s"
+    assert routes["page"]["group_interval"] == "1m"  # a page that fires again in a live group
 
 
 _MATCHER = re.compile(r'^\s*(\w+)\s*(=~|!~|!=|=)\s*"(.*)"\s*$')
