@@ -47,12 +47,15 @@ def test_the_master_and_its_workers_are_read_from_proc(tmp_path, children_file):
 
 
 def test_a_real_process_tree(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
     try:
+        assert child.stdout.readline() == "up\n"  # running its own program, not half through exec
         got = families(ServerProcesses(os.getpid()))
     finally:
         child.kill()
         child.wait()
+        child.stdout.close()
     rss = got[PROCESS_RSS]
     assert rss[("master", str(os.getpid()))] > 10 * 2**20  # this interpreter, with pytest loaded
     assert rss[("worker", str(child.pid))] > 0
