@@ -28,8 +28,9 @@ def experiment_start(settings: Settings, version: str) -> dt.datetime:
 def collect(settings: Settings, now: dt.datetime | None = None) -> dict:
     """Who is in the experiment, since when, and the stats Prometheus holds for it."""
     now = now or dt.datetime.now(dt.timezone.utc)
+    # `blind`: Prometheus did not answer, so no traffic, error or latency was seen at all.
     out: dict[str, Any] = {"at": now.isoformat(timespec="seconds"), "stats": None, "problems": [],
-                           "production_version": None, "candidate_version": None, "since": None}
+                           "production_version": None, "candidate_version": None, "since": None, "blind": False}
     try:
         versions = registry.aliases(settings)
     except Exception as exc:  # registry down: nothing can be decided, nothing is changed
@@ -52,8 +53,9 @@ def collect(settings: Settings, now: dt.datetime | None = None) -> dict:
         variants = prometheus.arm_stats(settings.prometheus_api, arms, since.timestamp(),
                                                  f"{seconds}s", now.timestamp(), reach_s)
     except prometheus.PrometheusError as exc:
-        # No numbers: the decision sees missing data, which never promotes.
+        # No numbers: the decision sees missing data, which never promotes (nor rolls back).
         out["problems"].append(str(exc))
+        out["blind"] = True
         variants = {v: {"model_version": versions[v]} for v in VARIANTS}
     # Users, and each user's mean rating and APE, from the store: the comparison counts people.
     try:
@@ -188,7 +190,7 @@ def evaluate(settings: Settings, *, dry_run: bool = False, source: str = "cli") 
     outcome = judge(collected)
     record = act(settings, collected, outcome, dry_run=dry_run, source=source)
     return {**record, "stats": collected.get("stats"), "checks": report_checks(outcome, collected), "score": outcome.get("score"),
-            "flags": outcome.get("flags", [])}
+            "flags": outcome.get("flags", []), "blind": collected.get("blind", False)}
 
 
 def manual(settings: Settings, decision: str, reason: str | None) -> dict:
@@ -212,7 +214,7 @@ def report_checks(outcome: dict, collected: dict) -> dict:
 def _record(settings: Settings, record: dict, outcome: dict, collected: dict) -> int:
     details = {"stats": collected.get("stats"), "checks": report_checks(outcome, collected), "score": outcome.get("score"),
                "flags": outcome.get("flags", []), "action": record.get("action"), "refused": record.get("refused"),
-               "since": collected.get("since"),
+               "since": collected.get("since"), "blind": collected.get("blind", False),
                "arms": collected.get("arms"), "drift": collected.get("drift"), "problems": collected.get("problems")}
     with open_store(settings) as store:
         decision_id = store.record_decision(record["decision"], record["source"], record["applied"], record["reasons"],

@@ -1,7 +1,7 @@
 """The fleet's facts and control actions, the same in the local stack, compose and AWS.
 
 - The router's candidate weight has one home: the store's `candidate_weight` row (the local
-  stack writes it whenever it renders the router's config; the production server exports it
+  stack writes it whenever it renders the router's config; one production replica exports it
   as `abfleet_router_candidate_weight`). Where nothing writes the row (compose, AWS), the
   weight is `Settings.candidate_weight`, which the router's container renders at start from
   the same ABFLEET_CANDIDATE_WEIGHT the servers and the pipeline are given.

@@ -7,13 +7,6 @@ after `PROMETHEUS_MULTIPROC_DIR` is set (gunicorn's config does that before impo
 
 from __future__ import annotations
 
-import logging
-import threading
-
-from abfleet.decision import OUTCOMES
-
-log = logging.getLogger(__name__)
-
 REQUESTS = "abfleet_requests_total"  # labels: variant, model_version, endpoint, status
 LATENCY = "abfleet_request_latency_seconds"  # histogram; labels: variant, endpoint
 RATINGS = "abfleet_ratings_total"  # labels: variant, model_version, stars
@@ -37,14 +30,35 @@ FEEDBACK_PENDING = "abfleet_feedback_pending"  # gauge (live sum over workers): 
 FEEDBACK_PENDING_RESOLVED = "abfleet_feedback_pending_resolved_total"  # counter; labels: outcome (stored, duplicate, refused, expired)
 READY = "abfleet_ready"  # gauge (live min over workers): 1 when the server would pass /api/ready
 
-# Pipeline-side facts (drift, decisions, the router's weight): the production server exports
-# them from the store (FleetStateCollector), so they exist once per fleet.
+REPLICAS_EXPECTED = "abfleet_replicas_expected"  # gauge: servers its variant should have (ABFLEET_REPLICAS)
+
+# Saturation (abfleet.saturation): how much of a server's capacity is in use.
+REQUESTS_IN_FLIGHT = "abfleet_requests_in_flight"  # gauge (live sum over workers): requests being handled
+WORKER_THREADS = "abfleet_worker_threads"  # gauge (live sum over workers): threads that handle requests
+PROCESS_CPU = "abfleet_process_cpu_seconds_total"  # counter; labels: role (master, worker), pid
+PROCESS_RSS = "abfleet_process_resident_memory_bytes"  # gauge; labels: role, pid
+DB_CONNECTIONS_CHECKED_OUT = "abfleet_db_connections_checked_out"  # gauge (live sum): connections in use
+DB_POOL_SIZE = "abfleet_db_pool_size"  # gauge (live sum): connections the workers' pools keep open
+
+# Pipeline-side facts (drift, decisions, the experiment, the router's weight): read from the
+# store and exported by the one production replica that holds the exporter lease
+# (abfleet.fleet_state), so each series exists once per fleet whatever the replicas.
 DRIFT_SHARE = "abfleet_drift_share_drifted"
 DRIFT_DETECTED = "abfleet_drift_detected"
 DRIFT_COLUMN_SCORE = "abfleet_drift_column_score"
+DRIFT_CHECKED = "abfleet_drift_checked_timestamp_seconds"
 LAST_EVALUATION = "abfleet_last_evaluation_timestamp_seconds"
 DECISIONS = "abfleet_decisions_total"  # labels: decision
+# 1; labels: decision, source, applied, production_version, candidate_version, reason (the first)
+LAST_DECISION_INFO = "abfleet_last_decision_info"
+LAST_DECISION_PROBLEMS = "abfleet_last_decision_problems"  # problems the last decision reported
+EVALUATION_BLIND = "abfleet_evaluation_blind"  # 1 when the last decision could not read Prometheus
+EXPERIMENT_START = "abfleet_experiment_start_timestamp_seconds"  # labels: candidate_version
+EXPERIMENT_SAMPLES = "abfleet_experiment_samples"  # labels: variant, measure (requests, ratings)
+EXPERIMENT_MIN_SAMPLES = "abfleet_experiment_min_samples"  # labels: measure
+SRM_P_VALUE = "abfleet_srm_p_value"  # the split's chi-square test at the last decision
 ROUTER_CANDIDATE_WEIGHT = "abfleet_router_candidate_weight"  # percent of users sent to the candidate
+REGISTRY_ALIAS = "abfleet_registry_alias_info"  # 1; labels: alias, model_version (what the registry says)
 
 # Whole-request latency buckets: fine where the hot path lives, coarse in the tail.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -111,6 +125,15 @@ class ServerMetrics:
                                                  registry=registry)
         self.ready = Gauge(READY, "1 when the server is ready (model loaded)", multiprocess_mode="livemin",
                            registry=registry)
+        self.replicas_expected = Gauge(REPLICAS_EXPECTED, "Servers this server's variant should have",
+                                       multiprocess_mode="livemax", registry=registry)
+        self.in_flight = Gauge(REQUESTS_IN_FLIGHT, "Requests being handled", multiprocess_mode="livesum",
+                               registry=registry)
+        self.threads = Gauge(WORKER_THREADS, "Threads that handle requests", multiprocess_mode="livesum", registry=registry)
+        self.db_checked_out = Gauge(DB_CONNECTIONS_CHECKED_OUT, "Database connections in use",
+                                    multiprocess_mode="livesum", registry=registry)
+        self.db_pool_size = Gauge(DB_POOL_SIZE, "Database connections the pools keep open", multiprocess_mode="livesum",
+                                  registry=registry)
         self.failovers = Counter(
             _strip_total(FAILOVERS), "Requests meant for the other variant, answered here",
             ["intended", "variant", "endpoint"], registry=registry,
@@ -147,73 +170,3 @@ class ServerMetrics:
         for other in ("production", "candidate"):
             if other != variant:
                 self.failovers.labels(other, variant, endpoint)
-
-
-class FleetStateCollector:
-    """Pipeline-side facts read from the store: the router's weight, the decisions taken, the
-    latest drift summary. Only the production server exports them, so each series exists once.
-    Where no weight was recorded in the store (compose, AWS), the weight is `fallback_weight`:
-    the ABFLEET_CANDIDATE_WEIGHT the router was started with.
-
-    A scrape never waits for the database: `start()` re-reads the store on a background thread
-    every `interval` seconds and `collect()` serves the latest values read. A failed read counts
-    in `errors` (store_errors{operation="metrics"}) and keeps the values read before it."""
-
-    def __init__(self, store, fallback_weight: int | None = None, errors=None):
-        self.store = store
-        self.fallback_weight = fallback_weight
-        self.errors = errors  # a counter child to .inc() on each failed read, or None
-        self._families: list | None = None  # None until the first read succeeded
-        self._stop = threading.Event()
-
-    def refresh(self) -> bool:
-        """Read the store once, in the calling thread; True when it answered."""
-        try:
-            counts, last = self.store.decision_counts()
-            weight = self.store.get_state("candidate_weight", self.fallback_weight)
-            drift = self.store.get_state("drift_summary")
-        except Exception as exc:  # a store outage must not break the servers' own metrics
-            log.warning("fleet state not refreshed: %s", exc)
-            if self.errors is not None:
-                self.errors.inc()
-            return False
-        self._families = list(_fleet_families(counts, last, weight, drift))
-        return True
-
-    def start(self, interval: float) -> threading.Thread:
-        """Refresh now and then every `interval` seconds on a daemon thread, until `stop()`."""
-        def loop() -> None:
-            while not self._stop.is_set():
-                self.refresh()
-                self._stop.wait(interval)
-
-        thread = threading.Thread(target=loop, name="fleet-state", daemon=True)
-        thread.start()
-        return thread
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def collect(self):
-        return iter(self._families or ())
-
-
-def _fleet_families(counts: dict, last, weight, drift):
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-    if weight is not None:
-        yield GaugeMetricFamily(ROUTER_CANDIDATE_WEIGHT, "Percent of users the router sends to the candidate", value=float(weight))
-    decisions = CounterMetricFamily(_strip_total(DECISIONS), "Evaluation decisions", labels=["decision"])
-    for decision in OUTCOMES:
-        decisions.add_metric([decision], float(counts.get(decision, 0)))
-    yield decisions
-    if last is not None:
-        yield GaugeMetricFamily(LAST_EVALUATION, "Time of the latest evaluation decision", value=last.timestamp())
-    if drift and drift.get("drift_detected") is not None:
-        yield GaugeMetricFamily(DRIFT_DETECTED, "1 when the latest drift check found drift", value=float(drift["drift_detected"]))
-        yield GaugeMetricFamily(DRIFT_SHARE, "Share of drifted columns", value=float(drift["share_drifted"]))
-        scores = GaugeMetricFamily(DRIFT_COLUMN_SCORE, "Drift score per column", labels=["column"])
-        for column, info in (drift.get("columns") or {}).items():
-            if info.get("score") is not None:
-                scores.add_metric([column], float(info["score"]))
-        yield scores

@@ -101,7 +101,8 @@ class Settings:
     candidate_urls: str = ""
 
     # Model servers per variant in the local stack (`abfleet up --replicas N`); more than one
-    # needs PostgreSQL. Replica i (from 0) listens on the i-th of production_ports /
+    # needs PostgreSQL. Servers export it as the count their variant should have (compose: set
+    # it to the --scale used). Replica i (from 0) listens on the i-th of production_ports /
     # candidate_ports (comma-separated), else on the variant's port + 2 i.
     replicas: int = 1
     production_ports: str = ""

@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -189,6 +190,11 @@ def chosen(settings: Settings, only: tuple[str, ...] | None = None, with_airflow
     return [svc for svc in services(settings) if svc.name in wanted]
 
 
+def _is_server(svc: Service) -> bool:
+    # Airflow's environment carries the fleet's settings, VARIANT included: not a model server.
+    return bool(svc.env.get("VARIANT")) and svc.name not in OPTIONAL
+
+
 def up(settings: Settings, *, candidate_weight: int | None = None, only: tuple[str, ...] | None = None,
        with_airflow: bool = False, say: Callable[[str], None] = print) -> dict:
     """Start whatever is not running yet (all services, or `only` those named); return the status.
@@ -207,7 +213,10 @@ def up(settings: Settings, *, candidate_weight: int | None = None, only: tuple[s
             raise StackError(f"{tool} is not installed: run `sudo apt-get install -y {tool}` (or `make install-system`)")
     prepare(settings, weight)
     _replicas_file(settings).write_text(f"{settings.replicas}\n")
+    booting: list[tuple[Service, subprocess.Popen]] = []  # model servers, started together
     for svc in todo:
+        if booting and not _is_server(svc):  # the router and the rest come after the servers
+            _wait_all(settings, booting, say)
         pid = running_pid(settings, svc)
         if pid is not None:
             if svc.name == "router":
@@ -225,8 +234,14 @@ def up(settings: Settings, *, candidate_weight: int | None = None, only: tuple[s
         if svc.name == "airflow":
             say("  airflow     preparing its metadata database (first time: ~10 s)")
             airflow_local.migrate(settings)
-        _start(settings, svc)
+        if _is_server(svc):
+            # Each server spends seconds importing its libraries and loading its model: all of
+            # them boot at once, then each is waited for.
+            booting.append((svc, _launch(settings, svc)))
+            continue
+        _wait(settings, svc, _launch(settings, svc))
         say(f"  {svc.name:<11} started on :{svc.port}")
+    _wait_all(settings, booting, say)
     return status(settings)
 
 
@@ -248,19 +263,30 @@ def admin_token(settings: Settings) -> str:
     return token
 
 
-def _start(settings: Settings, svc: Service) -> None:
-    """Start a service and wait until it answers HTTP (any status)."""
-    log = _log_file(settings, svc.name)
+def _launch(settings: Settings, svc: Service) -> subprocess.Popen:
+    """Start a service's process (its pid file written), without waiting for it."""
     env = child_env(settings, {"ABFLEET_ADMIN_TOKEN": admin_token(settings), **svc.env})
-    proc = procs.start(svc.command, env, log, pid_file=_pid_file(settings, svc.name))
+    return procs.start(svc.command, env, _log_file(settings, svc.name), pid_file=_pid_file(settings, svc.name))
+
+
+def _wait(settings: Settings, svc: Service, proc: subprocess.Popen) -> None:
+    """Wait until a started service answers HTTP (any status)."""
     try:
         # A model server without a model answers 503 but is up: `status` tells the difference.
-        procs.wait_ready(proc, lambda: answers_http(svc.health_url, any_answer=True), name=svc.name, log=log,
-                         timeout=svc.timeout, error=StackError)
+        procs.wait_ready(proc, lambda: answers_http(svc.health_url, any_answer=True), name=svc.name,
+                         log=_log_file(settings, svc.name), timeout=svc.timeout, error=StackError)
     except StackError:
         if proc.poll() is not None:
             _pid_file(settings, svc.name).unlink(missing_ok=True)
         raise
+
+
+def _wait_all(settings: Settings, booting: list[tuple[Service, subprocess.Popen]], say: Callable[[str], None]) -> None:
+    """Wait for each of the services started together (and forget them: the list is emptied)."""
+    while booting:
+        svc, proc = booting.pop(0)
+        _wait(settings, svc, proc)
+        say(f"  {svc.name:<11} started on :{svc.port}")
 
 
 def _reload_nginx(pid: int) -> None:

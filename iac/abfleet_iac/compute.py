@@ -241,7 +241,7 @@ class Compute(pulumi.ComponentResource):
         # migrator at a time) in a container that exits; servers never run DDL. The server
         # waits for it to finish, not to succeed: with the database down, a replacement
         # server still starts and answers (its predictions wait in the spool).
-        def model_containers(variant: str) -> list:
+        def model_containers(variant: str, size: ServiceSize) -> list:
             database_url = [{"name": "DATABASE_URL", "valueFrom": args.database_url_secret_arn}]
             return [{
                 "name": MIGRATE_CONTAINER, "image": image("inference"), "essential": False,
@@ -258,6 +258,9 @@ class Compute(pulumi.ComponentResource):
                     {"name": "ABFLEET_BIND", "value": f"0.0.0.0:{args.model_port}"},
                     {"name": "ABFLEET_MODEL_NAME", "value": args.model_name},
                     {"name": "ABFLEET_WORKERS", "value": "2"},
+                    # The servers the variant should have at least (AbfleetReplicasMissing):
+                    # autoscaling never goes below its floor.
+                    {"name": "ABFLEET_REPLICAS", "value": str(size.min_count)},
                     {"name": "ABFLEET_CANDIDATE_WEIGHT", "value": str(args.candidate_weight)},
                     {"name": "MLFLOW_TRACKING_URI", "value": f"http://mlflow:{args.mlflow_port}"},
                     {"name": "AWS_DEFAULT_REGION", "value": args.region},
@@ -275,7 +278,7 @@ class Compute(pulumi.ComponentResource):
         self.scaling_targets: dict[str, aws.appautoscaling.Target] = {}
         for variant, discovery, size in (("production", "infer-prod", args.production),
                                          ("candidate", "infer-cand", args.candidate)):
-            td = task(variant, size, model_containers(variant), args.serving_role_arn)
+            td = task(variant, size, model_containers(variant, size), args.serving_role_arn)
             svc = service(variant, size, td, args.model_security_group_id, connect(discovery, args.model_port),
                           depends_on=[self.mlflow_service], autoscaled=True)
             target = aws.appautoscaling.Target(

@@ -345,6 +345,13 @@ def test_model_services_autoscale(program):
     assert {t.name.rsplit("-", 1)[-1] for t in targets} == {"production", "candidate"}
     assert all(t.inputs["scalableDimension"] == "ecs:service:DesiredCount" for t in targets)
     assert len(of_type(program, "aws:appautoscaling/policy:Policy")) == 2
+    # Each variant's servers expect at least the autoscaling floor of them (AbfleetReplicasMissing).
+    floors = {t.name.rsplit("-", 1)[-1]: int(t.inputs["minCapacity"]) for t in targets}
+    for td in of_type(program, "aws:ecs/taskDefinition:TaskDefinition"):
+        for container in json.loads(td.inputs["containerDefinitions"]):
+            if container["name"] == "server":
+                env = {e["name"]: e["value"] for e in container["environment"]}
+                assert env["ABFLEET_REPLICAS"] == str(floors[env["VARIANT"]]), (td.name, env)
 
 
 def test_task_definitions_keep_secrets_out_of_the_environment(program):

@@ -6,6 +6,7 @@ import gc
 
 from flask import Flask
 
+from abfleet.saturation import count_in_flight
 from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
 from abfleet.store import Store
@@ -23,6 +24,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     parts = init_app(app, settings, holder, store)
     app.register_blueprint(views.bp)
     app.wsgi_app = FastPredict(app.wsgi_app, parts["predictions"], parts["counts"], settings.max_body_bytes)
+    app.wsgi_app = count_in_flight(app.wsgi_app, parts["metrics"].in_flight)  # every request, the fast path's too
     if holder is None:
         # A real server: everything loaded so far (libraries, the model) lives as long as the
         # process. Out of the cyclic collector's sight, a full collection no longer walks it

@@ -4,15 +4,18 @@ registered with a Flask app by `init_app` the way the Flask tutorial registers i
 from __future__ import annotations
 
 import logging
+import os
 from typing import TypedDict
 
 from flask import Flask, current_app
 
-from abfleet import api, data
+from abfleet import api, data, registry
 from abfleet.feedback import Feedback
 from abfleet.feedback_spool import FOLDER, FeedbackSpool
-from abfleet.metrics import FleetStateCollector, ServerMetrics
+from abfleet.fleet_state import FleetStateCollector
+from abfleet.metrics import ServerMetrics
 from abfleet.readiness import DatabaseCheck
+from abfleet.saturation import ServerProcesses, count_pool
 from abfleet.reload_signal import ReloadSignal
 from abfleet.serving import Loaded, ModelHolder, Predictions, RequestCounts
 from abfleet.settings import Settings
@@ -31,7 +34,8 @@ class Parts(TypedDict):
     counts: RequestCounts
     predictions: Predictions
     feedback: Feedback
-    fleet_registry: object  # a prometheus CollectorRegistry of the fleet's state (production exports it)
+    fleet_registry: object  # a prometheus CollectorRegistry of the fleet's state (one production replica exports it)
+    process_registry: object  # a prometheus CollectorRegistry of this server's processes (read at each scrape)
     database: DatabaseCheck
     fleet_state: FleetStateCollector
     reload_signal: ReloadSignal | None  # how a reload call reaches this server's other workers
@@ -47,6 +51,9 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
 
     metrics = ServerMetrics(CollectorRegistry())
     store = store or Store.from_settings(settings)  # the spool folder readers look in too
+    metrics.threads.set(settings.threads)  # summed over the live workers: the server's capacity
+    metrics.replicas_expected.set(settings.replicas)  # AbfleetReplicasMissing compares the healthy ones with it
+    count_pool(store.engine, metrics.db_checked_out, metrics.db_pool_size)
 
     def on_backlog(rows: int, nbytes: int) -> None:  # after every flush, from the spool's thread
         metrics.spool_rows.set(rows)
@@ -95,17 +102,21 @@ def init_app(app: Flask, settings: Settings, holder: ModelHolder | None = None, 
                              deadline=settings.db_connect_timeout_s + settings.db_statement_timeout_s)
     database.start()
     fleet_state = FleetStateCollector(store, fallback_weight=settings.candidate_weight,
-                                      errors=metrics.store_errors.labels("metrics"))
-    if variant == "production":  # only production exports the fleet's state
-        fleet_state.start(settings.db_check_interval_s)
+                                      errors=metrics.store_errors.labels("metrics"), interval=settings.db_check_interval_s,
+                                      aliases=lambda: registry.aliases(settings), aliases_every=settings.reload_interval)
+    if variant == "production":  # the production replica that holds the lease exports the fleet's state
+        fleet_state.start()
     fleet_registry = CollectorRegistry()
     fleet_registry.register(fleet_state)
+    # Under gunicorn (metric files) the server is the master and its workers; else this process.
+    process_registry = CollectorRegistry()
+    process_registry.register(ServerProcesses(os.getppid() if settings.prometheus_multiproc_dir else os.getpid()))
     parts = Parts(settings=settings, holder=holder, store=store, metrics=metrics,
                   counts=RequestCounts(metrics, variant),
                   predictions=Predictions(holder, store, data.known_locations(), on_refused=metrics.spool_refused.inc),
                   feedback=Feedback(store, settings, feedback_spool, on_store_error=metrics.store_errors.labels("feedback").inc,
                                     on_stored=metrics.count_feedback),
-                  fleet_registry=fleet_registry, database=database, fleet_state=fleet_state,
+                  fleet_registry=fleet_registry, process_registry=process_registry, database=database, fleet_state=fleet_state,
                   reload_signal=reload_signal)
     if feedback_spool is not None:
         def on_resolved(outcome: str, _item) -> None:

@@ -253,7 +253,7 @@ def metrics_endpoint():
         multiprocess.MultiProcessCollector(registry)
     else:
         registry = p["metrics"].registry
-    body = generate_latest(registry)
+    body = generate_latest(registry) + generate_latest(p["process_registry"])
     if settings.variant == "production":
         body += generate_latest(p["fleet_registry"])
     return Response(body, content_type=CONTENT_TYPE_LATEST)  # as given: mimetype= would add a second charset

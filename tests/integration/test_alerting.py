@@ -7,9 +7,9 @@ path of the same receiver.
 The alert is AbfleetCandidateNotReady: a candidate server on a fresh fleet whose registry
 (MLflow, running) holds no model at all exports `abfleet_ready 0`. The rules are the
 project's own, loaded from copies in which only that alert's `for:` is shortened from 5
-minutes to a few seconds, with a 1s scrape and evaluation interval; Alertmanager runs the
+minutes to a few seconds, with short scrape and evaluation intervals; Alertmanager runs the
 config the stack rendered (the webhooks included) with only its grouping waits shortened
-to 2s. The receiver's side of the webhook is the one a team would run.
+to 2s (tests/alerting.py). The receiver's side of the webhook is the one a team would run.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
 from abfleet import api, stack
 from abfleet.settings import project_root
+from tests.alerting import alert_posts, speed_up_alertmanager, speed_up_prometheus
 from tests.helpers import answering, family, fleet_settings, health, wait_for
 from tests.pg import postgres_server
 
@@ -29,59 +29,6 @@ pytestmark = pytest.mark.slow
 
 ALERT = "AbfleetCandidateNotReady"
 SHORT_FOR = "3s"
-
-
-def speed_up_prometheus(settings, rules_dir, alert: str = ALERT) -> None:
-    """Rewrite the rendered prometheus.yml for the test: 1s intervals, the project's rule files
-    copied with `alert`'s `for:` shortened; then let the running Prometheus reload it."""
-    path = settings.run_dir / "prometheus.yml"
-    config = yaml.safe_load(path.read_text())
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    shortened = 0
-    copies = []
-    for source in sorted((project_root() / "monitoring" / "rules").glob("*.yml")):
-        rules = yaml.safe_load(source.read_text())
-        for group in rules["groups"]:
-            for rule in group["rules"]:
-                if rule.get("alert") == alert:
-                    rule["for"] = SHORT_FOR
-                    shortened += 1
-        copy = rules_dir / source.name
-        copy.write_text(yaml.safe_dump(rules, sort_keys=False))
-        copies.append(str(copy))
-    assert shortened == 1, f"{alert} not found once in monitoring/rules"
-    config["rule_files"] = copies
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    prom = settings.local_url(settings.prometheus_port)
-    requests.post(f"{prom}/-/reload", timeout=10).raise_for_status()
-
-    def reloaded():
-        groups = requests.get(f"{prom}/api/v1/rules", timeout=5).json()["data"]["groups"]
-        return any(r["name"] == alert and r["duration"] == 3 for g in groups for r in g["rules"])
-    wait_for(reloaded, 30, what=f"Prometheus to load the rules with {alert} for: {SHORT_FOR}")
-
-
-def speed_up_alertmanager(settings) -> None:
-    """The rendered alertmanager.yml with a 2s group_wait on every route, reloaded by the
-    running Alertmanager."""
-    path = settings.run_dir / "alertmanager.yml"
-    config = yaml.safe_load(path.read_text())
-    hooks = {r["name"]: [c["url"] for c in r.get("webhook_configs", [])] for r in config["receivers"]}
-    assert hooks["page"] == hooks["ticket"] == [settings.webhook_url], hooks
-    assert hooks["deadmans-switch"] == ([settings.watchdog_url] if settings.watchdog_url else []), hooks
-    for route in [config["route"], *config["route"]["routes"]]:
-        route["group_wait"] = "2s"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    am = settings.local_url(settings.alertmanager_port)
-    requests.post(f"{am}/-/reload", timeout=10).raise_for_status()
-    wait_for(lambda: "group_wait: 2s" in requests.get(f"{am}/api/v2/status", timeout=5).json()["config"]["original"],
-             30, what="Alertmanager to load the shortened group_wait")
-
-
-def alert_posts(seen: list[dict], alert: str = ALERT, path: str = "/alerts") -> list[dict]:
-    """Alertmanager's webhook POSTs to `path` among the receiver's requests that carry `alert`."""
-    return [r for r in seen if r["method"] == "POST" and r["json"] and r["path"] == path
-            and any(a["labels"].get("alertname") == alert for a in r["json"].get("alerts", []))]
 
 
 def test_a_candidate_with_no_model_is_reported_to_the_webhook_by_alertmanager(tmp_path):
@@ -93,14 +40,14 @@ def test_a_candidate_with_no_model_is_reported_to_the_webhook_by_alertmanager(tm
             state = stack.up(settings, only=("mlflow", "candidate", "alertmanager", "prometheus"), say=lambda _m: None)
             assert state["processes"]["alertmanager"]["healthy"], state["processes"]
             speed_up_alertmanager(settings)
-            speed_up_prometheus(settings, rules_dir)
+            speed_up_prometheus(settings, rules_dir, {ALERT: SHORT_FOR})
             # The server is up and scraped, and says it is not ready.
             prom = settings.local_url(settings.prometheus_port)
             wait_for(lambda: requests.get(f"{prom}/api/v1/query", timeout=5, params={
                 "query": 'abfleet_ready{fleet_variant="candidate"} == 0'}).json()["data"]["result"],
                 30, what="Prometheus to scrape abfleet_ready 0 from the candidate")
             # Firing after `for:`, then Alertmanager's group_wait before it sends.
-            posts = wait_for(lambda: alert_posts(seen), 90, interval=1.0,
+            posts = wait_for(lambda: alert_posts(seen, ALERT), 90, interval=1.0,
                              what=f"Alertmanager to POST {ALERT} to the webhook")
             pings = wait_for(lambda: alert_posts(seen, "Watchdog", "/watchdog"), 60, interval=1.0,
                              what="Alertmanager to POST the Watchdog to the dead-man's-switch URL")
@@ -158,7 +105,7 @@ def test_a_full_spool_answers_503_and_alertmanager_tells_the_webhook(fleet, tmp_
         try:
             stack.up(settings, only=("production", "alertmanager", "prometheus"), say=lambda _m: None)
             speed_up_alertmanager(settings)
-            speed_up_prometheus(settings, rules_dir, SPOOL_ALERT)
+            speed_up_prometheus(settings, rules_dir, {SPOOL_ALERT: SHORT_FOR})
             wait_for(lambda: health(server).get("model_loaded"), 90, what="the server to load its model")
             session = requests.Session()
             for i in range(50):  # warm: every worker has answered and flushed

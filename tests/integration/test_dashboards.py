@@ -35,6 +35,15 @@ PIPELINE_METRICS = frozenset({
     "abfleet_last_evaluation_timestamp_seconds",
     "abfleet_decisions_total",
     "abfleet_router_candidate_weight",
+    "abfleet_drift_checked_timestamp_seconds",
+    "abfleet_last_decision_info",
+    "abfleet_last_decision_problems",
+    "abfleet_evaluation_blind",
+    "abfleet_experiment_start_timestamp_seconds",
+    "abfleet_experiment_samples",
+    "abfleet_experiment_min_samples",
+    "abfleet_srm_p_value",
+    "abfleet_registry_alias_info",
 })
 
 # Counted per operation / reason when a fault happens: no series on a healthy fleet.

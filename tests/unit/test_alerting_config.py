@@ -97,6 +97,7 @@ def test_the_watchdog_is_repeated_often_and_pages_are_not_held_back():
     assert routes["deadmans-switch"]["repeat_interval"] == "1m"
     assert routes["deadmans-switch"]["group_interval"] == "1m"
     assert routes["page"]["group_wait"] == "10s"
+    assert routes["page"]["group_interval"] == "1m"  # a page that fires again in a live group
 
 
 _MATCHER = re.compile(r'^\s*(\w+)\s*(=~|!~|!=|=)\s*"(.*)"\s*$')
@@ -132,10 +133,16 @@ VARIANT_DOWN = _alert("AbfleetVariantDown", severity="critical", fleet_variant="
 STORE_ERRORS = _alert("AbfleetStoreErrors", severity="warning", fleet_variant="production", instance="a:8000",
                       operation="insert")
 PAGE = _alert("AbfleetAvailabilityBudgetBurn", severity="critical", variant="candidate", long_window="1h")
+GUARDRAIL = _alert("AbfleetCandidateGuardrail", severity="critical", guardrail="error_ratio", model_version="7")
 INHIBITION = [
     # (firing source, target, muted)
     (VARIANT_DOWN, _alert("AbfleetTargetDown", severity="critical", fleet_variant="candidate", instance="b:8000"), True),
     (VARIANT_DOWN, _alert("AbfleetCandidateNotReady", severity="warning", fleet_variant="candidate"), True),
+    (VARIANT_DOWN, _alert("AbfleetReplicasMissing", severity="critical", fleet_variant="candidate"), True),
+    (_alert("AbfleetTargetDown", severity="critical", fleet_variant="production", instance="b:8000"),
+     _alert("AbfleetReplicasMissing", severity="critical", fleet_variant="production"), True),
+    (_alert("AbfleetTargetDown", severity="critical", fleet_variant="production", instance="b:8000"),
+     _alert("AbfleetReplicasMissing", severity="critical", fleet_variant="candidate"), False),
     (VARIANT_DOWN, _alert("AbfleetCandidateNoTraffic", severity="warning", model_version="7"), True),
     (VARIANT_DOWN, _alert("AbfleetSampleRatioMismatch", severity="warning"), True),
     (VARIANT_DOWN, _alert("AbfleetTargetDown", severity="critical", fleet_variant="production"), False),
@@ -158,6 +165,12 @@ INHIBITION = [
     (PAGE, _alert("AbfleetAvailabilityBudgetBurn", severity="warning", variant="production", long_window="1d"), False),
     (PAGE, _alert("AbfleetAvailabilityBudgetBurn", severity="critical", variant="production", long_window="6h"),
      False),
+    (GUARDRAIL, PAGE, True),
+    (GUARDRAIL, _alert("AbfleetAvailabilityBudgetBurn", severity="warning", variant="candidate", long_window="1d"), True),
+    (GUARDRAIL, _alert("AbfleetAvailabilityBudgetBurn", severity="critical", variant="production", long_window="1h"),
+     False),
+    (GUARDRAIL, _alert("AbfleetLatencyBudgetBurn", severity="critical", variant="candidate", long_window="1h"), False),
+    (_alert("AbfleetCandidateGuardrail", severity="warning", guardrail="latency_p95"), PAGE, False),
 ]
 
 

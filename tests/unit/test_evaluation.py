@@ -66,3 +66,28 @@ def test_the_latest_drift_verdict_is_reported_beside_the_decision(tmp_path):
     assert drift["drifted_columns"] == ["location", "total_sqft"] and drift["report"] == "file:///r.html"
     record = evaluation.act(settings, {"drift": drift, "at": "now"}, {"decision": "continue", "reasons": []}, dry_run=True)
     assert record["drift"] == drift
+
+
+def test_an_evaluation_that_cannot_read_prometheus_is_recorded_blind_and_exported_so(tmp_path, monkeypatch):
+    import datetime as dt
+
+    from abfleet import metrics, registry
+    from abfleet.fleet_state import FleetStateCollector
+    from abfleet.procs import free_port
+    from abfleet.store import open_store
+
+    settings = Settings(run_dir=tmp_path, prometheus_url=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setattr(registry, "aliases", lambda s: {"production": "3", "candidate": "4"})
+    monkeypatch.setattr(registry, "experiment_start", lambda s, v: dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=2))
+    monkeypatch.setattr(registry, "tag_version", lambda *a, **k: None)
+    with open_store(settings):
+        pass  # the tables, as `abfleet db upgrade` makes them
+    record = evaluation.evaluate(settings, source="test")
+    assert record["blind"] is True and record["decision"] == "continue", record
+    assert any("unreachable" in reason for reason in record["reasons"]), record["reasons"]
+    with open_store(settings) as store:
+        assert store.decision_history(1)[0]["details"]["blind"] is True
+        collector = FleetStateCollector(store)
+        assert collector.refresh()
+        (blind,) = [f for f in collector.collect() if f.name == metrics.EVALUATION_BLIND]
+    assert blind.samples[0].value == 1.0

@@ -194,6 +194,9 @@ def test_metric_names_in_rules_and_dashboards_are_defined_in_abfleet_metrics():
 
 def test_every_defined_server_metric_appears_in_a_dashboard():
     used = {name for query in dashboard_queries() for name in _METRIC.findall(query.raw)}
+    # A recorded series on a dashboard shows the metrics its rule reads.
+    shown = {name for query in dashboard_queries() for name in _RECORDED.findall(query.raw)}
+    used |= {name for rule in recording_rules() if rule["record"] in shown for name in _METRIC.findall(rule["expr"])}
     unused = sorted(d for d in _defined_metrics() if not any(_is_defined(u, {d}) for u in used))
     # The sum of squares only feeds the evaluation's variance; everything else should be visible.
     assert set(unused) <= {metrics.APE_SUM_SQ}, f"defined but on no dashboard: {unused}"

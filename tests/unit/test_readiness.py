@@ -3,6 +3,7 @@ a tiny model and a temporary SQLite store, as in test_app."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 
@@ -10,7 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from abfleet.api import DRIFT_REPORT, FEEDBACK, FLAT, HEALTH, LIVE, METRICS, PREDICT, READY
-from abfleet.metrics import DECISIONS, FleetStateCollector, ServerMetrics
+from abfleet.fleet_state import FleetStateCollector
+from abfleet.metrics import DECISIONS, ServerMetrics
 from abfleet.readiness import DatabaseCheck
 from abfleet.serving import ModelHolder
 from abfleet.settings import Settings
@@ -222,3 +224,17 @@ def test_feedback_waiting_on_a_stuck_database_leaves_threads_for_predictions(mak
         waiting.join(10)
     assert stuck[0].status_code == 201  # the lock went away before the busy timeout ran out
     wait_for(lambda: store.feedback_for(second), 30, what="the pending feedback to be stored")
+
+
+def test_a_servers_metrics_show_its_saturation(make_app):
+    from abfleet import metrics as m
+
+    app = make_app(threads=6)
+    text = app.test_client().get(METRICS).get_data(as_text=True)
+    samples = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[m.REQUESTS_IN_FLIGHT].value == 1.0  # the scrape itself
+    assert samples[m.WORKER_THREADS].value == 6.0
+    assert samples[m.DB_CONNECTIONS_CHECKED_OUT].value >= 0.0 and samples[m.DB_POOL_SIZE].value > 0
+    # Without gunicorn the server is this process alone.
+    assert samples[m.PROCESS_RSS].labels == {"role": "master", "pid": str(os.getpid())}
+    assert samples[m.PROCESS_RSS].value > 0

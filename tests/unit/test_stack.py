@@ -96,3 +96,11 @@ def test_waiting_for_dag_runs_ends_when_all_ended_and_fails_on_a_failed_one(monk
     monkeypatch.setattr(airflow_local, "healthy", lambda _s: False)
     ok, runs = stack.wait_for_dag_runs(settings, 60, say=lambda _m: None, interval=0)
     assert not ok and "not running" in runs["error"]
+
+
+def test_a_variant_named_alone_starts_its_replicas_and_not_airflow(tmp_path):
+    settings = fleet_settings(tmp_path / "run", replicas=2)
+    names = [svc.name for svc in stack.chosen(settings, only=("production", "prometheus"))]
+    assert names == ["production-1", "production-2", "prometheus"]
+    assert "airflow" not in [svc.name for svc in stack.chosen(settings)]
+    assert "airflow" in [svc.name for svc in stack.chosen(settings, only=("mlflow",), with_airflow=True)]
